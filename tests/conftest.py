@@ -1,0 +1,233 @@
+"""Shared fixtures. Every test points all state at a temp dir; nothing touches ~ or the network
+beyond 127.0.0.1. Real components come from the venvs `make venvs` builds; when one is missing a
+test skips locally and fails in CI (CI=true)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = ROOT / "tests"
+sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(ROOT))
+
+import mlxctl  # noqa: E402
+
+MLXCTL = ROOT / "mlxctl"
+MLX_VENV = Path(os.environ.get("MLXCTL_TEST_MLX_VENV", ROOT / ".venv-mlx"))
+LITELLM_VENV = Path(os.environ.get("MLXCTL_TEST_LITELLM_VENV", ROOT / ".venv-litellm"))
+STANDIN = TESTS / "fixtures" / "standin_server.py"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def need(condition: bool, what: str) -> None:
+    """Skip a real-component test when the component is missing; in CI that is a failure."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"{what} is missing in CI", pytrace=False)
+    pytest.skip(f"{what} is missing")
+
+
+def port_block(size: int) -> int:
+    """The start of `size` consecutive ports that are free on 127.0.0.1 right now."""
+    rng = random.Random()
+    for _ in range(200):
+        start = rng.randrange(20000, 60000 - size)
+        ok = True
+        for port in range(start, start + size):
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return start
+    raise RuntimeError("no free port block")
+
+
+class Env:
+    """A temp-dir world for one test: settings as environment variables, helpers to seed state."""
+
+    def __init__(self, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.tmp = tmp
+        self.mp = monkeypatch
+        self.home = tmp / "home"
+        self.hub = tmp / "hf" / "hub"
+        self.gateway = tmp / "gateway"
+        for d in (self.home, self.hub, self.gateway):
+            d.mkdir(parents=True, exist_ok=True)
+        base = port_block(20)
+        self.team = list(range(base, base + 10))
+        self.exp = list(range(base + 10, base + 20))
+        self.vars: dict[str, str] = {
+            "HOME": str(self.home),
+            "XDG_CONFIG_HOME": str(self.home / ".config"),
+            "XDG_CACHE_HOME": str(self.home / ".cache"),
+            "HF_HOME": str(tmp / "hf"),
+            "MLX_BIND_HOST": "127.0.0.1",
+            "MLX_HOST": "127.0.0.1",
+            "GATEWAY_HOST": "local",
+            "MLX_OFFLOAD_HOST": "local",
+            "MLXCTL_ROLE": "studio",
+            "GATEWAY_ROOT": str(self.gateway),
+            "MLX_TEAM_PORTS": f"{self.team[0]}-{self.team[-1]}",
+            "MLX_EXPERIMENTAL_PORTS": f"{self.exp[0]}-{self.exp[-1]}",
+            "MLX_START_TIMEOUT": "60",
+            "MLX_STOP_TIMEOUT": "3",
+            "MLX_PROBE_TIMEOUT": "0.5",
+            "MLX_LAUNCH_CMD": f"{sys.executable} {STANDIN} launch",
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+        }
+        for name in (*mlxctl.SETTING_NAMES, "MLXCTL_CONFIG", "HUGGINGFACE_HUB_CACHE"):
+            monkeypatch.delenv(name, raising=False)
+        for key, value in self.vars.items():
+            monkeypatch.setenv(key, value)
+
+    def set(self, **values: str | None) -> None:
+        for key, value in values.items():
+            if value is None:
+                self.vars.pop(key, None)
+                self.mp.delenv(key, raising=False)
+            else:
+                self.vars[key] = value
+                self.mp.setenv(key, value)
+
+    @property
+    def registry_path(self) -> Path:
+        return self.hub / "registry.json"
+
+    @property
+    def state(self) -> Path:
+        return self.hub / ".mlxctl"
+
+    @property
+    def router(self) -> Path:
+        return self.gateway / "layer-gateway/litellm-orch/config/router.yaml"
+
+    @property
+    def env_file(self) -> Path:
+        return self.gateway / "layer-gateway/litellm-orch/config/env.local"
+
+    @property
+    def handles(self) -> Path:
+        return self.gateway / "layer-gateway/registry/handles.jsonl"
+
+    def registry(self) -> dict[str, Any]:
+        return json.loads(self.registry_path.read_text())
+
+    def write_registry(self, models: dict[str, dict[str, Any]], **top: Any) -> None:
+        data = {"version": 1, "generation": 1, "models": models, **top}
+        self.registry_path.write_text(json.dumps(data, indent=2))
+
+    def model_dir(self, name: str, size: int = 1024, **knobs: Any) -> Path:
+        from fixtures.standin_server import write_standin_model
+
+        return write_standin_model(self.tmp / "models" / name, size=size, **knobs)
+
+    def add_model(self, model_id: str, port: int | None = None, **fields: Any) -> Path:
+        """Register a stand-in model (an existing registry is extended)."""
+        knobs = fields.pop("knobs", {})
+        path = self.model_dir(model_id, **knobs)
+        data = self.registry() if self.registry_path.exists() else {"version": 1, "models": {}}
+        entry = {
+            "repo_id": f"test-org/{model_id}",
+            "model_id": model_id,
+            "cache_path": str(path),
+            "source_path": str(path),
+            "format": "mlx",
+            "port": port,
+        }
+        entry.update(fields)
+        data["models"][model_id] = entry
+        self.registry_path.write_text(json.dumps(data, indent=2))
+        return path
+
+    def environ(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def run(self, *args: str, input: bytes | None = None, timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """The real file, by subprocess."""
+        return subprocess.run(
+            [sys.executable, str(MLXCTL), *args],
+            input=input.decode() if input is not None else None,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env or self.environ(),
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
+
+
+class Cli:
+    """mlxctl.main() in-process, output captured."""
+
+    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
+        self.capsys = capsys
+
+    def __call__(self, *args: str) -> tuple[int, str, str]:
+        self.capsys.readouterr()
+        code = mlxctl.main(list(args))
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    world = Env(tmp_path, monkeypatch)
+    yield world
+    stop_everything(world)
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
+    return Cli(capsys)
+
+
+def stop_everything(world: Env) -> None:
+    """No test leaves a server behind: kill every group a runtime record names."""
+    run_dir = world.state / "run"
+    if not run_dir.is_dir():
+        return
+    for record_file in run_dir.glob("*.json"):
+        with contextlib.suppress(Exception):
+            record = json.loads(record_file.read_text())
+            if mlxctl.record_is_ours(record):
+                mlxctl.stop_groups([int(record["pgid"])], 2.0)
+
+
+def mlx_server_available() -> bool:
+    return (MLX_VENV / "bin" / "mlx-openai-server").exists()
+
+
+@pytest.fixture(scope="session")
+def tiny_mlx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny llama generated offline and converted by the real mlx_lm.convert (once a session)."""
+    need(mlx_server_available(), f"mlx-openai-server in {MLX_VENV}")
+    from fixtures.tiny_model import build
+
+    dest = tmp_path_factory.mktemp("tiny") / "tiny-mlx"
+    return build("mlx", dest, str(MLX_VENV / "bin" / "python"))
+
+
+@pytest.fixture
+def real_server(env: Env) -> Env:
+    """Point mlxctl at the real mlx-openai-server 1.6.3."""
+    need(mlx_server_available(), f"mlx-openai-server in {MLX_VENV}")
+    env.set(MLX_LAUNCH_CMD=f"{MLX_VENV / 'bin' / 'mlx-openai-server'} launch",
+            MLX_START_TIMEOUT="120", MLX_STOP_TIMEOUT="10")
+    return env
