@@ -14,7 +14,7 @@ all: check
 $(VENV)/.ok: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_QUIET) pytest pytest-cov pytest-timeout hypothesis "coverage>=7.10" \
-		ruff mypy PyYAML types-PyYAML huggingface_hub
+		ruff "mypy<2" PyYAML types-PyYAML huggingface_hub
 	touch $@
 
 # The real model server, CPU build (COMPONENTS.md): 1.6.3 is the newest that runs on Linux.

@@ -90,6 +90,8 @@ class Env:
             "MLX_PROBE_TIMEOUT": "0.5",
             "MLX_LAUNCH_CMD": f"{sys.executable} {STANDIN} launch",
             "HF_HUB_DISABLE_XET": "1",
+            # never the public hub: a dead loopback port unless a test starts a stand-in hub
+            "HF_ENDPOINT": "http://127.0.0.1:9",
             "HF_HUB_DISABLE_TELEMETRY": "1",
         }
         for name in (*mlxctl.SETTING_NAMES, "MLXCTL_CONFIG", "HUGGINGFACE_HUB_CACHE"):
