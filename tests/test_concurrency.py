@@ -1,0 +1,102 @@
+"""Writers racing on one registry: the lock (SPEC §5.1) and the port reservation (SPEC §8 step 4)
+keep every update and never hand one port to two loads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import MLXCTL, STANDIN, Env
+
+needs_standin = pytest.mark.skipif(
+    not STANDIN.exists(), reason="tests/fixtures/standin_server.py is not there yet"
+)
+
+
+def spawn(env: Env, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(MLXCTL), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env.environ(),
+    )
+
+
+def finish(
+    children: list[subprocess.Popen[str]], timeout: float = 60
+) -> list[tuple[int, str, str]]:
+    results = []
+    for child in children:
+        out, err = child.communicate(timeout=timeout)
+        results.append((child.returncode, out, err))
+    return results
+
+
+@needs_standin
+def test_parallel_auto_loads_get_different_ports(env: Env) -> None:
+    env.add_model("mlx-a")
+    env.add_model("mlx-b")
+    results = finish([spawn(env, "load", m, "auto", "--no-sync") for m in ("mlx-a", "mlx-b")])
+    for code, _, err in results:
+        assert code == 0, err
+        assert "Traceback" not in err
+    ports = {out.split()[0]: int(out.split()[1]) for _, out, _ in results}
+    assert set(ports) == {"mlx-a", "mlx-b"}
+    assert ports["mlx-a"] != ports["mlx-b"]
+    assert set(ports.values()) <= set(env.exp[:2])
+    models = env.registry()["models"]
+    assert {m: models[m]["port"] for m in ports} == ports
+    assert not any("reservation" in models[m] for m in ports)
+    for model_id, port in ports.items():
+        record = json.loads((env.state / "run" / f"{port}.json").read_text())
+        assert record["model_id"] == model_id
+
+
+@needs_standin
+def test_parallel_loads_of_one_model_start_it_once(env: Env) -> None:
+    env.add_model("mlx-a")
+    results = finish([spawn(env, "load", "mlx-a", "auto", "--no-sync") for _ in range(3)])
+    ok = [out.split() for code, out, _ in results if code == 0]
+    assert ok, [err for _, _, err in results]
+    assert all("Traceback" not in err for _, _, err in results)
+    assert len({tuple(words) for words in ok}) == 1
+    port = int(ok[0][1])
+    assert env.registry()["models"]["mlx-a"]["port"] == port
+    log = (env.state / "logs" / f"{port}.log").read_text()
+    assert log.count("=== mlxctl start") == 1
+    assert sorted(p.name for p in (env.state / "run").glob("*.json")) == [f"{port}.json"]
+
+
+def test_parallel_sets_lose_no_update(env: Env) -> None:
+    path = env.tmp / "plain" / "mlx-a"
+    path.mkdir(parents=True)
+    env.write_registry(
+        {
+            "mlx-a": {
+                "repo_id": "test-org/mlx-a",
+                "model_id": "mlx-a",
+                "cache_path": str(path),
+                "format": "mlx",
+                "port": None,
+                "request_params": {"base": 0},
+            }
+        },
+        generation=100,
+        untouched_top={"x": 1},
+    )
+    count = 20
+    children = [
+        spawn(env, "set", "mlx-a", f"request_params.k{i}={i}", "--no-sync") for i in range(count)
+    ]
+    for code, _, err in finish(children):
+        assert code == 0, err
+    data = env.registry()
+    params = data["models"]["mlx-a"]["request_params"]
+    assert params == {"base": 0, **{f"k{i}": i for i in range(count)}}
+    assert data["generation"] == 100 + count
+    assert data["untouched_top"] == {"x": 1}
+    assert not list(env.hub.glob(".registry.json.tmp-*"))
