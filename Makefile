@@ -42,7 +42,7 @@ types: $(VENV)/.ok
 
 # Every test, real components included; line coverage of mlxctl (subprocesses too) >= 90 %.
 test: venvs
-	$(PY) -m pytest --cov=mlxctl --cov-config=pyproject.toml --cov-report=term --cov-fail-under=90 tests
+	$(PY) -m pytest --cov --cov-config=pyproject.toml --cov-report=term-missing:skip-covered --cov-fail-under=90 tests
 
 test-fast: $(VENV)/.ok
 	$(PY) -m pytest -m "not real" tests

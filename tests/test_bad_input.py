@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MLXCTL, Cli, Env
+from conftest import MLXCTL, STANDIN, Cli, Env
 
 import mlxctl
 
@@ -485,6 +485,7 @@ def test_missing_config_file_is_fine(env: Env, cli: Cli, registry: bytes) -> Non
         ("MLXCTL_ROLE", "laptop", ["list"]),
         ("MLX_LAUNCH_CMD", "'unclosed", ["load", GOOD_MODEL, "auto", "--no-sync"]),
     ],
+    ids=lambda case: f"{case[0]}={case[1]}",
 )
 def test_bad_setting_values(
     env: Env, cli: Cli, registry: bytes, case: tuple[str, str, list[str]]
@@ -658,3 +659,33 @@ def test_env_var_and_registry_errors_never_leak_secrets(env: Env, cli: Cli) -> N
     code, out, err = cli("list")
     assert code == 1
     assert secret not in out + err
+
+
+@pytest.mark.skipif(not STANDIN.exists(), reason="needs the stand-in server")
+@pytest.mark.parametrize("verb", ["unload", "unload-all", "reconcile"])
+def test_future_version_stops_nothing(env: Env, cli: Cli, verb: str) -> None:
+    """Writes are refused on a newer registry, so nothing that the write would record may happen
+    first: a server is not stopped by a command that then cannot clear its assignment."""
+    port = env.team[0]
+    env.add_model(GOOD_MODEL)
+    env.add_model("mlx-orphan")
+    assert cli("load", GOOD_MODEL, str(port), "--no-sync")[0] == 0
+    assert cli("load", "mlx-orphan", str(env.team[1]), "--no-sync")[0] == 0
+    data = env.registry()
+    data["version"] = 2
+    data["models"]["mlx-orphan"]["port"] = None  # its server is now an orphan
+    env.registry_path.write_text(json.dumps(data, indent=2))
+    before = env.registry_path.read_bytes()
+    pids = [
+        json.loads((env.state / "run" / f"{p}.json").read_text())["pid"]
+        for p in (port, env.team[1])
+    ]
+    argv = {"unload": ["unload", str(port)], "unload-all": ["unload-all"]}.get(verb, [verb])
+    code, _, err = cli(*argv, "--no-sync")
+    assert code == 1
+    assert "Traceback" not in err
+    assert "version 2" in err
+    assert env.registry_path.read_bytes() == before
+    for pid in pids:
+        info = mlxctl.proc_info(pid)
+        assert info is not None and info.state != "Z", "a server was stopped before the refusal"

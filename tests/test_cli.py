@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import STANDIN, Cli, Env
+from conftest import MLXCTL, STANDIN, Cli, Env
 
 import mlxctl
 
@@ -976,14 +976,18 @@ def test_status_shows_every_state(env: Env, cli: Cli, foreign: Any, http_404: An
 
 @needs_standin
 def test_status_one_hung_port_does_not_delay_the_rest(env: Env, cli: Cli, foreign: Any) -> None:
-    for i in range(4):
-        path = env.add_model(f"mlx-hang{i}", port=env.team[i], knobs={"hang": True})
-        foreign(path, env.team[i])
+    hung = env.team[:6]
+    for i, port in enumerate(hung):
+        path = env.add_model(f"mlx-hang{i}", port=port, knobs={"hang": True, "start_delay": 0})
+        foreign(path, port, wait=False)
+    assert wait_until(lambda: all(connectable(p) for p in hung))
     started = time.monotonic()
-    code, _, _ = cli("status", "--check")
+    code, out, _ = cli("status", "--check")
     elapsed = time.monotonic() - started
     assert code == 3
-    assert elapsed < 0.5 * 2 + 1.0, elapsed  # one probe timeout (0.5 s), not four
+    assert out.count("unresponsive") == len(hung)
+    # probes run concurrently: about one probe timeout (0.5 s) in total, not six (3 s)
+    assert elapsed < 1.5, elapsed
 
 
 @needs_standin
@@ -1151,7 +1155,11 @@ def test_broken_model_rolls_back(env: Env, cli: Cli) -> None:
     after = env.registry()
     assert after["models"] == before["models"]
     assert after["operator_note"] == "kept"
-    assert after["generation"] >= before.get("generation", 0)
+    # a reservation and its rollback are writes, and every write advances the generation
+    assert after["generation"] > before.get("generation", 0)
+    assert {k: v for k, v in after.items() if k != "generation"} == {
+        k: v for k, v in before.items() if k != "generation"
+    }
     assert run_records(env) == []
     assert not connectable(port)
     log_lines = (env.state / "logs" / f"{port}.log").read_text().splitlines()
@@ -1349,3 +1357,80 @@ def test_unload_of_a_plain_listener_unloads_nothing(
     assert "nothing unloaded" in error_line(err)
     assert sock.fileno() != -1
     assert env.registry_path.read_bytes() == before
+
+
+def spawn_load(env: Env, model_id: str, port: str = "auto") -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(MLXCTL), "load", model_id, port, "--no-sync"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env.environ(),
+        start_new_session=True,
+    )
+
+
+def reservation_of(env: Env, model_id: str) -> dict[str, Any] | None:
+    try:
+        mark = env.registry()["models"][model_id].get("reservation")
+    except (OSError, ValueError):
+        return None
+    return mark if isinstance(mark, dict) else None
+
+
+@needs_standin
+def test_status_starting_and_a_second_load_waits(env: Env, cli: Cli) -> None:
+    env.add_model("mlx-slow", knobs={"start_delay": 1.5})
+    loader = spawn_load(env, "mlx-slow")
+    try:
+        assert wait_until(lambda: reservation_of(env, "mlx-slow") is not None)
+        port = env.registry()["models"]["mlx-slow"]["port"]
+        code, out, err = cli("status", "--json", "--check")
+        assert code == 0, out + err  # starting is not drift
+        row = next(r for r in json.loads(out)["ports"] if r["port"] == port)
+        assert (row["state"], row["model_id"]) == ("starting", "mlx-slow")
+        # the same load again waits for the running one instead of starting a second server
+        code, out, err = cli("load", "mlx-slow", "auto", "--no-sync")
+        assert code == 0, err
+        assert out.split() == ["mlx-slow", str(port)]
+        stdout, stderr = loader.communicate(timeout=30)
+        assert loader.returncode == 0, stderr
+        assert stdout.split() == ["mlx-slow", str(port)]
+        log = (env.state / "logs" / f"{port}.log").read_text()
+        assert log.count("=== mlxctl start") == 1
+        assert reservation_of(env, "mlx-slow") is None
+    finally:
+        if loader.poll() is None:
+            loader.kill()
+        loader.communicate()
+
+
+@needs_standin
+def test_a_dead_loaders_reservation_is_rolled_back(env: Env, cli: Cli) -> None:
+    env.add_model("mlx-slow", knobs={"start_delay": 30})
+    loader = spawn_load(env, "mlx-slow", str(env.team[2]))
+    try:
+        assert wait_until((env.state / "run" / f"{env.team[2]}.json").exists)
+        server_pid = record(env, env.team[2])["pid"]
+        assert reservation_of(env, "mlx-slow") is not None
+        loader.kill()  # SIGKILL: no rollback, the reservation's owner is gone
+        loader.communicate()
+        assert alive(server_pid)
+        # our young server still loading is "starting" even though its loader is gone
+        code, out, _ = cli("status", "--json")
+        row = next(r for r in json.loads(out)["ports"] if r["port"] == env.team[2])
+        assert row["state"] == "starting"
+        assert row["ours"] is True
+        code, out, err = cli("reconcile", "--no-sync")
+        assert code == 0, err
+        assert "stale reservation" in out
+        model = env.registry()["models"]["mlx-slow"]
+        assert model["port"] is None  # previous_port of a new assignment
+        assert "reservation" not in model
+        assert wait_until(lambda: not alive(server_pid))
+        assert run_records(env) == []
+    finally:
+        if loader.poll() is None:
+            loader.kill()
+            loader.communicate()
