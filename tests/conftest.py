@@ -161,8 +161,13 @@ class Env:
     def environ(self) -> dict[str, str]:
         return dict(os.environ)
 
-    def run(self, *args: str, input: bytes | None = None, timeout: float = 120,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        *args: str,
+        input: bytes | None = None,
+        timeout: float = 120,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """The real file, by subprocess."""
         return subprocess.run(
             [sys.executable, str(MLXCTL), *args],
@@ -230,6 +235,9 @@ def tiny_mlx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def real_server(env: Env) -> Env:
     """Point mlxctl at the real mlx-openai-server 1.6.3."""
     need(mlx_server_available(), f"mlx-openai-server in {MLX_VENV}")
-    env.set(MLX_LAUNCH_CMD=f"{MLX_VENV / 'bin' / 'mlx-openai-server'} launch",
-            MLX_START_TIMEOUT="120", MLX_STOP_TIMEOUT="10")
+    env.set(
+        MLX_LAUNCH_CMD=f"{MLX_VENV / 'bin' / 'mlx-openai-server'} launch",
+        MLX_START_TIMEOUT="120",
+        MLX_STOP_TIMEOUT="10",
+    )
     return env

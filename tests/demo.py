@@ -90,8 +90,11 @@ def main() -> int:
     def mlxctl(*args: str) -> str:
         print(f"$ mlxctl {' '.join(args)}", flush=True)
         result = subprocess.run(
-            [sys.executable, str(ROOT / "mlxctl"), *args], env=env, text=True,
-            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            [sys.executable, str(ROOT / "mlxctl"), *args],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
         )
         print(result.stdout, end="", flush=True)
         if result.returncode != 0:
@@ -119,10 +122,13 @@ def main() -> int:
         say("a real chat completion")
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/chat/completions",
-            data=json.dumps({
-                "model": model_id, "max_tokens": 12,
-                "messages": [{"role": "user", "content": "Say hello."}],
-            }).encode(),
+            data=json.dumps(
+                {
+                    "model": model_id,
+                    "max_tokens": 12,
+                    "messages": [{"role": "user", "content": "Say hello."}],
+                }
+            ).encode(),
             headers={"Content-Type": "application/json"},
         )
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -146,8 +152,11 @@ def main() -> int:
         return 0
     finally:
         if port is not None:
-            subprocess.run([sys.executable, str(ROOT / "mlxctl"), "unload", str(port), "--no-sync"],
-                           env=env, check=False)
+            subprocess.run(
+                [sys.executable, str(ROOT / "mlxctl"), "unload", str(port), "--no-sync"],
+                env=env,
+                check=False,
+            )
         if keep:
             print(f"kept {work}")
         else:

@@ -69,8 +69,10 @@ def main() -> int:
     if current == wanted:
         return 0
     if check:
-        print("README.md command reference is out of date: run python tests/gen_readme.py",
-              file=sys.stderr)
+        print(
+            "README.md command reference is out of date: run python tests/gen_readme.py",
+            file=sys.stderr,
+        )
         return 1
     README.write_text(wanted, encoding="utf-8")
     return 0

@@ -16,18 +16,29 @@ def starts(env: Env, model_id: str) -> int:
     count = 0
     for log in (env.state / "logs").glob("*.log"):
         count += sum(
-            line.startswith(f"=== mlxctl start {model_id} ") for line in log.read_text().splitlines()
+            line.startswith(f"=== mlxctl start {model_id} ")
+            for line in log.read_text().splitlines()
         )
     return count
 
 
 def fleet(env: Env, cli: Cli) -> dict[str, int]:
     t, x = env.team, env.exp
-    initial = {"mlx-a": t[5], "mlx-b": t[0], "mlx-c": t[2], "mlx-d": x[0], "mlx-e": t[7],
-               "mlx-f": x[1]}
-    for model_id in SIZES:
-        env.add_model(model_id, None, optillm=model_id in OPTILLM,
-                      knobs={"size": SIZES[model_id], "start_delay": 0.1})
+    initial = {
+        "mlx-a": t[5],
+        "mlx-b": t[0],
+        "mlx-c": t[2],
+        "mlx-d": x[0],
+        "mlx-e": t[7],
+        "mlx-f": x[1],
+    }
+    for model_id, size in SIZES.items():
+        env.add_model(
+            model_id,
+            None,
+            optillm=model_id in OPTILLM,
+            knobs={"size": size, "start_delay": 0.1},
+        )
     for model_id, port in initial.items():
         code, _, err = cli("load", model_id, str(port), "--no-sync")
         assert code == 0, err
@@ -37,8 +48,14 @@ def fleet(env: Env, cli: Cli) -> dict[str, int]:
 def test_plan_swap_and_minimal_restarts(env: Env, cli: Cli) -> None:
     t = env.team
     fleet(env, cli)
-    expected = {"mlx-a": t[0], "mlx-f": t[1], "mlx-c": t[2], "mlx-b": t[5], "mlx-d": t[6],
-                "mlx-e": t[7]}
+    expected = {
+        "mlx-a": t[0],
+        "mlx-f": t[1],
+        "mlx-c": t[2],
+        "mlx-b": t[5],
+        "mlx-d": t[6],
+        "mlx-e": t[7],
+    }
     code, out, err = cli("assign-team", "--dry-run")
     assert code == 0, err
     assert {m: p for m, p in expected.items()} == {
@@ -55,7 +72,12 @@ def test_plan_swap_and_minimal_restarts(env: Env, cli: Cli) -> None:
     assert ports == expected
     # only the moved models were restarted; C and E stayed put
     assert {m: starts(env, m) for m in SIZES} == {
-        "mlx-a": 2, "mlx-b": 2, "mlx-c": 1, "mlx-d": 2, "mlx-e": 1, "mlx-f": 2
+        "mlx-a": 2,
+        "mlx-b": 2,
+        "mlx-c": 1,
+        "mlx-d": 2,
+        "mlx-e": 1,
+        "mlx-f": 2,
     }
     assert not any("withheld" in e or "reservation" in e for e in env.registry()["models"].values())
     # the gateway agrees with the registry
@@ -63,8 +85,9 @@ def test_plan_swap_and_minimal_restarts(env: Env, cli: Cli) -> None:
     assert {r["handle"]: int(r["endpoint_ref"].rsplit("_", 1)[1]) for r in rows} == expected
     # every model serves on its planned port
     code, out, _ = cli("--json", "status")
-    states = {p["model_id"]: (p["port"], p["state"]) for p in json.loads(out)["ports"]
-              if p["model_id"]}
+    states = {
+        p["model_id"]: (p["port"], p["state"]) for p in json.loads(out)["ports"] if p["model_id"]
+    }
     assert states == {m: (p, "serving") for m, p in expected.items()}
     # start.sh reminder with the new load lines
     assert f"mlxctl load mlx-a {t[0]} --no-sync" in err

@@ -9,7 +9,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import Env
 
 pytestmark = pytest.mark.real
@@ -18,8 +17,9 @@ pytestmark = pytest.mark.real
 def chat(port: int, text: str = "Say hello.") -> dict:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions",
-        data=json.dumps({"model": "any", "max_tokens": 8,
-                         "messages": [{"role": "user", "content": text}]}).encode(),
+        data=json.dumps(
+            {"model": "any", "max_tokens": 8, "messages": [{"role": "user", "content": text}]}
+        ).encode(),
         headers={"Content-Type": "application/json"},
     )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -29,9 +29,14 @@ def chat(port: int, text: str = "Say hello.") -> dict:
 
 def register(env: Env, model_id: str, path: Path) -> None:
     models = env.registry()["models"] if env.registry_path.exists() else {}
-    models[model_id] = {"repo_id": f"test-org/{model_id}", "model_id": model_id,
-                        "cache_path": str(path), "source_path": str(path), "format": "mlx",
-                        "port": None}
+    models[model_id] = {
+        "repo_id": f"test-org/{model_id}",
+        "model_id": model_id,
+        "cache_path": str(path),
+        "source_path": str(path),
+        "format": "mlx",
+        "port": None,
+    }
     env.write_registry(models)
 
 

@@ -43,17 +43,24 @@ def report(name: str, figure: str, target: str) -> None:
 def stdlib_floor() -> Callable[[], object]:
     """The interpreter floor: import the stdlib modules mlxctl imports and compile the script."""
     source = MLXCTL.read_text()
-    modules = sorted({
-        line.split()[1] for line in source.splitlines()
-        if line.startswith("import ") and "yaml" not in line
-    } | {"collections.abc", "typing"})
+    modules = sorted(
+        {
+            line.split()[1]
+            for line in source.splitlines()
+            if line.startswith("import ") and "yaml" not in line
+        }
+        | {"collections.abc", "typing"}
+    )
     code = f"import {', '.join(modules)}; compile(open({str(MLXCTL)!r}).read(), 'mlxctl', 'exec')"
     return lambda: subprocess.run([PY, "-c", code], check=True)
 
 
 def mlxctl_runner(env: dict[str, str], *args: str) -> Callable[[], object]:
     return lambda: subprocess.run(
-        [PY, str(MLXCTL), *args], env=env, check=False, stdout=subprocess.DEVNULL,
+        [PY, str(MLXCTL), *args],
+        env=env,
+        check=False,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
 
@@ -77,10 +84,17 @@ def world(tmp: Path) -> dict[str, str]:
     base = free_block(40)
     env = {
         **os.environ,
-        "HOME": str(tmp / "home"), "HF_HOME": str(tmp / "hf"), "XDG_CONFIG_HOME": str(tmp / "cfg"),
-        "MLX_BIND_HOST": "127.0.0.1", "MLX_HOST": "127.0.0.1", "GATEWAY_HOST": "local",
-        "MLX_OFFLOAD_HOST": "local", "MLXCTL_ROLE": "studio", "GATEWAY_ROOT": str(tmp / "gw"),
-        "MLX_TEAM_PORTS": f"{base}-{base + 19}", "MLX_EXPERIMENTAL_PORTS": f"{base + 20}-{base + 39}",
+        "HOME": str(tmp / "home"),
+        "HF_HOME": str(tmp / "hf"),
+        "XDG_CONFIG_HOME": str(tmp / "cfg"),
+        "MLX_BIND_HOST": "127.0.0.1",
+        "MLX_HOST": "127.0.0.1",
+        "GATEWAY_HOST": "local",
+        "MLX_OFFLOAD_HOST": "local",
+        "MLXCTL_ROLE": "studio",
+        "GATEWAY_ROOT": str(tmp / "gw"),
+        "MLX_TEAM_PORTS": f"{base}-{base + 19}",
+        "MLX_EXPERIMENTAL_PORTS": f"{base + 20}-{base + 39}",
         "MLX_PROBE_TIMEOUT": "1.0",
         "MLX_LAUNCH_CMD": f"{PY} {ROOT / 'tests/fixtures/standin_server.py'} launch",
     }
@@ -97,9 +111,14 @@ def registry_of(tmp: Path, count: int, base: int) -> None:
         path.mkdir(parents=True)
         (path / "config.json").write_text(json.dumps({"max_position_embeddings": 32768}))
         models[model_id] = {
-            "repo_id": f"bench/{model_id}", "model_id": model_id, "cache_path": str(path),
-            "source_path": str(path), "format": "mlx", "port": base + i,
-            "context_length": 32768, "max_output_tokens": 32768,
+            "repo_id": f"bench/{model_id}",
+            "model_id": model_id,
+            "cache_path": str(path),
+            "source_path": str(path),
+            "format": "mlx",
+            "port": base + i,
+            "context_length": 32768,
+            "max_output_tokens": 32768,
         }
     registry = {"version": 1, "generation": 1, "models": models}
     (tmp / "hf" / "hub" / "registry.json").write_text(json.dumps(registry, indent=2))
@@ -146,18 +165,26 @@ def bench_read_commands() -> None:
         registry_of(tmp, 40, base)
         for args in (("list",), ("show", "mlx-bench-model-07")):
             cost = median_time(mlxctl_runner(env, *args), 11)
-            report(f"mlxctl {' '.join(args)} (40 models)", f"{cost * 1000:.0f} ms = "
-                   f"{cost / floor:.2f}x floor", "<= 1.30x")
+            report(
+                f"mlxctl {' '.join(args)} (40 models)",
+                f"{cost * 1000:.0f} ms = {cost / floor:.2f}x floor",
+                "<= 1.30x",
+            )
         (tmp / "hf" / "hub" / "registry.json").unlink()
         registry_of(tmp, 0, base)
         cost = median_time(mlxctl_runner(env, "status"), 7)
-        report("status, 40 ports, nothing listening", f"floor + {(cost - floor) * 1000:.0f} ms",
-               "<= floor + 150 ms")
+        report(
+            "status, 40 ports, nothing listening",
+            f"floor + {(cost - floor) * 1000:.0f} ms",
+            "<= floor + 150 ms",
+        )
         with hung_listener(base + 5):
             hung = median_time(mlxctl_runner(env, "status"), 5)
-        report("status, 40 ports, one hung port (probe timeout 1.0 s)",
-               f"floor + {(hung - floor) * 1000:.0f} ms (+{hung - cost:.2f} s)",
-               "hung port adds <= 1 probe timeout")
+        report(
+            "status, 40 ports, one hung port (probe timeout 1.0 s)",
+            f"floor + {(hung - floor) * 1000:.0f} ms (+{hung - cost:.2f} s)",
+            "hung port adds <= 1 probe timeout",
+        )
 
 
 def main() -> int:
