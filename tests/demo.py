@@ -147,7 +147,7 @@ def main() -> int:
         say("unloading")
         mlxctl("unload", str(port))
         port = None
-        mlxctl("status", "--all")
+        mlxctl("status")
         say("done")
         return 0
     finally:
