@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
 sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(ROOT))
+
+from fixtures.ports import port_block  # noqa: E402
 
 import mlxctl  # noqa: E402
 
@@ -40,22 +40,19 @@ def need(condition: bool, what: str) -> None:
     pytest.skip(f"{what} is missing")
 
 
-def port_block(size: int) -> int:
-    """The start of `size` consecutive ports that are free on 127.0.0.1 right now."""
-    rng = random.Random()
-    for _ in range(200):
-        start = rng.randrange(20000, 60000 - size)
-        ok = True
-        for port in range(start, start + size):
-            with socket.socket() as sock:
-                try:
-                    sock.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return start
-    raise RuntimeError("no free port block")
+def registry_entry(
+    model_id: str, path: Path, port: int | None = None, **fields: Any
+) -> dict[str, Any]:
+    """A registry entry of SPEC §5.1 for a model at `path`."""
+    return {
+        "repo_id": f"test-org/{model_id}",
+        "model_id": model_id,
+        "cache_path": str(path),
+        "source_path": str(path),
+        "format": "mlx",
+        "port": port,
+        **fields,
+    }
 
 
 class Env:
@@ -145,15 +142,7 @@ class Env:
         knobs = fields.pop("knobs", {})
         path = self.model_dir(model_id, **knobs)
         data = self.registry() if self.registry_path.exists() else {"version": 1, "models": {}}
-        entry = {
-            "repo_id": f"test-org/{model_id}",
-            "model_id": model_id,
-            "cache_path": str(path),
-            "source_path": str(path),
-            "format": "mlx",
-            "port": port,
-        }
-        entry.update(fields)
+        entry = registry_entry(model_id, path, port, **fields)
         data["models"][model_id] = entry
         self.registry_path.write_text(json.dumps(data, indent=2))
         return path

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from fixtures.ports import port_block  # noqa: E402
 from fixtures.tiny_model import build  # noqa: E402
 
 MLX_VENV = Path(os.environ.get("MLXCTL_TEST_MLX_VENV", ROOT / ".venv-mlx"))
@@ -29,21 +29,6 @@ MLX_VENV = Path(os.environ.get("MLXCTL_TEST_MLX_VENV", ROOT / ".venv-mlx"))
 
 def say(text: str) -> None:
     print(f"\n\033[1m== {text}\033[0m" if sys.stdout.isatty() else f"\n== {text}", flush=True)
-
-
-def free_block(size: int) -> int:
-    for start in range(28100, 60000, size):
-        ok = True
-        for port in range(start, start + size):
-            with socket.socket() as sock:
-                try:
-                    sock.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return start
-    raise SystemExit("no free ports on 127.0.0.1")
 
 
 def place_in_cache(model: Path, hub: Path, repo_id: str) -> Path:
@@ -68,7 +53,7 @@ def main() -> int:
     if not (MLX_VENV / "bin" / "mlx-openai-server").exists():
         raise SystemExit(f"the model server is missing: run `make venvs` ({MLX_VENV})")
     work = Path(tempfile.mkdtemp(prefix="mlxctl-demo-"))
-    base = free_block(20)
+    base = port_block(20, 28100)
     env = {
         **os.environ,
         "HOME": str(work / "home"),

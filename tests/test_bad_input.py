@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MLXCTL, STANDIN, Cli, Env
+from conftest import MLXCTL, STANDIN, Cli, Env, registry_entry
 
 import mlxctl
 
@@ -28,15 +28,7 @@ def model_dir(env: Env, name: str) -> Path:
 
 
 def good_entry(env: Env, port: int | None = None, model_id: str = GOOD_MODEL) -> dict[str, Any]:
-    path = model_dir(env, model_id)
-    return {
-        "repo_id": f"test-org/{model_id}",
-        "model_id": model_id,
-        "cache_path": str(path),
-        "source_path": str(path),
-        "format": "mlx",
-        "port": port,
-    }
+    return registry_entry(model_id, model_dir(env, model_id), port)
 
 
 def bak(env: Env) -> Path:

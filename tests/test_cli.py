@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MLXCTL, STANDIN, Cli, Env
+from conftest import MLXCTL, STANDIN, Cli, Env, registry_entry
 
 import mlxctl
 
@@ -48,16 +48,7 @@ def plain_model(env: Env, name: str, config: dict[str, Any] | None = None, size:
 
 def entry(env: Env, model_id: str, port: int | None = None, **fields: Any) -> dict[str, Any]:
     path = fields.pop("path", None) or plain_model(env, model_id)
-    base = {
-        "repo_id": f"test-org/{model_id}",
-        "model_id": model_id,
-        "cache_path": str(path),
-        "source_path": str(path),
-        "format": "mlx",
-        "port": port,
-    }
-    base.update(fields)
-    return base
+    return registry_entry(model_id, path, port, **fields)
 
 
 def seed(env: Env, *entries: dict[str, Any], **top: Any) -> bytes:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
+from fixtures.ports import port_block  # noqa: E402
+
 MLXCTL = ROOT / "mlxctl"
 PY = sys.executable
 RESULTS: list[tuple[str, str, str]] = []
@@ -65,23 +67,8 @@ def mlxctl_runner(env: dict[str, str], *args: str) -> Callable[[], object]:
     )
 
 
-def free_block(size: int) -> int:
-    for start in range(30000, 60000, size):
-        ok = True
-        for port in range(start, start + size):
-            with socket.socket() as sock:
-                try:
-                    sock.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return start
-    raise SystemExit("no free port block")
-
-
 def world(tmp: Path) -> dict[str, str]:
-    base = free_block(40)
+    base = port_block(40, 30000)
     env = {
         **os.environ,
         "HOME": str(tmp / "home"),
