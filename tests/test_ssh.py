@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -31,6 +32,8 @@ class TwoHosts:
             "MLXCTL_SSH_CONNECT_TIMEOUT": "3",
             "PATH": "/usr/bin:/bin",
         }
+        # line coverage follows the real file to the far side too (nothing else travels)
+        common.update({k: v for k, v in os.environ.items() if k.startswith("COVERAGE_")})
         self.gateway_root = root / "mini"
         self.studio_wrapper = root / "studio-mlxctl"
         self.gateway_wrapper = root / "gateway-mlxctl"
