@@ -56,7 +56,7 @@ bench: venvs
 	$(PY) tests/bench/run.py
 
 soak: venvs
-	MLXCTL_SOAK=1 $(PY) -m pytest -m soak tests
+	MLXCTL_SOAK=1 $(PY) -m pytest -s tests/test_faults.py tests/test_stress.py tests/test_fuzz.py
 
 demo: venvs
 	$(PY) tests/demo.py
