@@ -725,17 +725,18 @@ def test_without_pyyaml(env: Env) -> None:
     assert run("unload", str(port), "--no-sync").returncode == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: main() requires PyYAML for every set/rename, even edits that never sync",
-)
+def without_yaml(env: Env) -> dict[str, str]:
+    shadow = env.tmp / "no-yaml"
+    shadow.mkdir(exist_ok=True)
+    (shadow / "yaml.py").write_text("raise ImportError('No module named yaml (test shadow)')\n")
+    return {**env.environ(), "PYTHONPATH": str(shadow)}
+
+
 def test_without_pyyaml_edits_that_never_render_still_work(env: Env) -> None:
     """Only a command that will render needs PyYAML (SPEC §2): `set` of a field the gateway
-    never sees, or `rename` of a model that is not exported, ends without a sync."""
-    shadow = env.tmp / "no-yaml"
-    shadow.mkdir()
-    (shadow / "yaml.py").write_text("raise ImportError('No module named yaml (test shadow)')\n")
-    environ = {**env.environ(), "PYTHONPATH": str(shadow)}
+    never sees, or `rename` of a model that is not exported, ends without a sync; so do the
+    syncing commands that have nothing to do."""
+    environ = without_yaml(env)
     seed(env, ("mlx-a", None))
     result = env.run("set", "mlx-a", "optillm=true", env=environ)
     assert result.returncode == 0, result.stderr
@@ -743,4 +744,28 @@ def test_without_pyyaml_edits_that_never_render_still_work(env: Env) -> None:
     result = env.run("rename", "mlx-a", "mlx-b", env=environ)
     assert result.returncode == 0, result.stderr
     assert list(env.registry()["models"]) == ["mlx-b"]
+    for argv in (
+        ["unload", str(env.exp[0])],
+        ["unload-all"],
+        ["reconcile"],
+        ["up"],
+        ["set", "mlx-b", f"context_length={4096}"],  # not exported: no port
+    ):
+        result = env.run(*argv, env=environ)
+        assert result.returncode == 0, (argv, result.stderr)
+        assert "PyYAML" not in result.stderr
     assert list(env.gateway.rglob("*")) == []
+
+
+def test_without_pyyaml_an_edit_that_renders_is_refused_before_it_changes(env: Env) -> None:
+    environ = without_yaml(env)
+    seed(env, ("mlx-a", env.team[0]))
+    before = env.registry_path.read_bytes()
+    result = env.run("set", "mlx-a", "context_length=4096", env=environ)
+    assert result.returncode == 1
+    assert "mlxctl: error: install PyYAML (python3-yaml)" in result.stderr
+    assert env.registry_path.read_bytes() == before
+    result = env.run("rename", "mlx-a", "mlx-b", env=environ)
+    assert result.returncode == 1
+    assert "install PyYAML" in result.stderr
+    assert env.registry_path.read_bytes() == before
