@@ -679,5 +679,5 @@ def test_future_version_stops_nothing(env: Env, cli: Cli, verb: str) -> None:
     assert "version 2" in err
     assert env.registry_path.read_bytes() == before
     for pid in pids:
-        info = mlxctl.proc_info(pid)
+        info = mlxctl.read_proc(pid)
         assert info is not None and info.state != "Z", "a server was stopped before the refusal"

@@ -712,7 +712,7 @@ def record(env: Env, port: int) -> dict[str, Any]:
 
 
 def alive(pid: int) -> bool:
-    info = mlxctl.proc_info(pid)
+    info = mlxctl.read_proc(pid)
     return info is not None and info.state != "Z"
 
 
@@ -1288,11 +1288,11 @@ def test_a_reused_pid_is_never_signalled(
 ) -> None:
     port = env.team[0]
     env.write_registry({"mlx-a": entry(env, "mlx-a", port)})
-    real = mlxctl.proc_info(sleeper.pid)
+    real = mlxctl.read_proc(sleeper.pid)
     assert real is not None
     if variant == "reused-pid":
         # the recorded server died and its pid now belongs to an unrelated process
-        write_record(env, port, pid=sleeper.pid, pgid=sleeper.pid, start_time=real.start_time + "9")
+        write_record(env, port, pid=sleeper.pid, pgid=sleeper.pid, start_time=real.start + "9")
     else:
         # the leader is gone and the recorded group is some other live group
         write_record(env, port, pid=4194000, pgid=sleeper.pid, start_time="1")
