@@ -769,3 +769,21 @@ def test_without_pyyaml_an_edit_that_renders_is_refused_before_it_changes(env: E
     assert result.returncode == 1
     assert "install PyYAML" in result.stderr
     assert env.registry_path.read_bytes() == before
+
+
+@pytest.mark.parametrize("reply", ["[]", '"export"', "17", "null"])
+def test_a_studio_export_that_is_not_an_object_is_one_error_line(
+    env: Env, cli: Cli, reply: str
+) -> None:
+    """Issue 8: an `assert` turned a JSON list from the Studio into a traceback. A peer that
+    answers valid JSON of the wrong shape is a fault the real Studio cannot be made to produce,
+    so an ssh stand-in prints it."""
+    ssh = env.tmp / "studio-answers"
+    ssh.write_text(f"#!/bin/sh\nprintf '%s\\n' '{reply}'\n")
+    ssh.chmod(0o755)
+    env.set(MLXCTL_ROLE="gateway", GATEWAY_HOST="mini", MLXCTL_SSH=str(ssh))
+    code, _, err = cli("sync-gateway")
+    assert code == 1
+    assert "Traceback" not in err
+    assert "mlxctl: error: export from studio is not a JSON object" in err
+    assert list(env.gateway.rglob("*.yaml")) == []

@@ -241,3 +241,23 @@ def test_union_keeps_dropped_variables_for_the_crash_safe_order() -> None:
     assert "MLX_MLX_A_API_BASE" not in out.env
     assert "MLX_MLX_A_API_BASE=http://127.0.0.1:8100/v1" in out.env_union
     assert "MLX_MLX_B_API_BASE=http://127.0.0.1:8102/v1" in out.env_union  # new values win
+
+
+STRAY_BLOCKS = [
+    # the block after model_list, under another top-level key
+    "model_list:\n  - model_name: x\n    litellm_params: {model: y}\n"
+    "router_settings:\n  # BEGIN MLXCTL AUTO\n  # END MLXCTL AUTO\n  a: 1\n",
+    # the block at the end of the file, after another section
+    "model_list:\n  - model_name: x\n    litellm_params: {model: y}\n"
+    "litellm_settings:\n  b: 2\n# BEGIN MLXCTL AUTO\n# END MLXCTL AUTO\n",
+]
+
+
+@pytest.mark.parametrize("text", STRAY_BLOCKS)
+@pytest.mark.parametrize("models", [(), (m.ExportModel("mlx-a", 8100, 10, 10, {}),)])
+def test_markers_after_model_list_are_refused(text: str, models: tuple[m.ExportModel, ...]) -> None:
+    """Issue 8: a precedence slip let markers placed after model_list through, and with an empty
+    export the stray block was accepted silently; they must be refused, whatever is exported."""
+    export = m.ExportSet(1, "127.0.0.1", ("mlx-a",), models)
+    with pytest.raises(m.MlxctlError, match="markers outside model_list"):
+        render(text, None, None, export, False)
