@@ -26,6 +26,17 @@ import mlxctl  # noqa: E402
 
 MLXCTL = ROOT / "mlxctl"
 MLX_VENV = Path(os.environ.get("MLXCTL_TEST_MLX_VENV", ROOT / ".venv-mlx"))
+MLX18_VENV = Path(os.environ.get("MLXCTL_TEST_MLX18_VENV", ROOT / ".venv-mlx18"))
+# The real model servers, by version (COMPONENTS.md): 1.6.3, the newest that installs on Linux with
+# its own dependencies, and 1.8.1, the newest release (what a Studio runs today), installed without
+# mflux. `real_server` runs each test once per version; MLXCTL_TEST_MLX_VERSIONS="1.6.3" (comma
+# separated) narrows that.
+MLX_SERVERS = {"1.6.3": MLX_VENV, "1.8.1": MLX18_VENV}
+MLX_VERSIONS = [
+    v.strip()
+    for v in os.environ.get("MLXCTL_TEST_MLX_VERSIONS", ",".join(MLX_SERVERS)).split(",")
+    if v.strip()
+]
 LITELLM_VENV = Path(os.environ.get("MLXCTL_TEST_LITELLM_VENV", ROOT / ".venv-litellm"))
 STANDIN = TESTS / "fixtures" / "standin_server.py"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -61,6 +72,8 @@ class Env:
     def __init__(self, tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.tmp = tmp
         self.mp = monkeypatch
+        # the real server's version when `real_server` set MLX_LAUNCH_CMD, else None (the stand-in)
+        self.mlx_version: str | None = None
         self.home = tmp / "home"
         self.hub = tmp / "hf" / "hub"
         self.gateway = tmp / "gateway"
@@ -85,6 +98,8 @@ class Env:
             "MLX_START_TIMEOUT": "60",
             "MLX_STOP_TIMEOUT": "3",
             "MLX_PROBE_TIMEOUT": "0.5",
+            # no route unless a test asks for one on a port of its own (8099 is shared)
+            "MLX_ROUTE_PORT": "off",
             "MLX_LAUNCH_CMD": f"{sys.executable} {STANDIN} launch",
             "HF_HUB_DISABLE_XET": "1",
             # never the public hub: a dead loopback port unless a test starts a stand-in hub
@@ -206,26 +221,45 @@ def stop_everything(world: Env) -> None:
                 mlxctl.stop_groups([int(record["pgid"])], 2.0)
 
 
-def mlx_server_available() -> bool:
-    return (MLX_VENV / "bin" / "mlx-openai-server").exists()
+def mlx_server(version: str = "1.6.3") -> Path:
+    """The `mlx-openai-server` program of that version's venv (it may not exist)."""
+    if version not in MLX_SERVERS:
+        raise ValueError(f"no venv for mlx-openai-server {version}: one of {sorted(MLX_SERVERS)}")
+    return MLX_SERVERS[version] / "bin" / "mlx-openai-server"
+
+
+def mlx_server_available(version: str = "1.6.3") -> bool:
+    return mlx_server(version).exists()
 
 
 @pytest.fixture(scope="session")
 def tiny_mlx_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny llama generated offline and converted by the real mlx_lm.convert (once a session)."""
-    need(mlx_server_available(), f"mlx-openai-server in {MLX_VENV}")
+    """A tiny llama generated offline and converted by the real mlx_lm.convert (once a session).
+
+    Converted with the 1.6.3 venv's mlx_lm; both server versions load it (measured)."""
+    need(mlx_server_available("1.6.3"), f"mlx-openai-server in {MLX_VENV}")
     from fixtures.tiny_model import build
 
     dest = tmp_path_factory.mktemp("tiny") / "tiny-mlx"
     return build("mlx", dest, str(MLX_VENV / "bin" / "python"))
 
 
+@pytest.fixture(params=MLX_VERSIONS, ids=lambda version: f"mlx-{version}")
+def mlx_version(request: pytest.FixtureRequest) -> str:
+    """The mlx-openai-server version a `real_server` test runs against. A test for one version
+    only: `@pytest.mark.parametrize("mlx_version", ["1.8.1"])`."""
+    version: str = request.param
+    return version
+
+
 @pytest.fixture
-def real_server(env: Env) -> Env:
-    """Point mlxctl at the real mlx-openai-server 1.6.3."""
-    need(mlx_server_available(), f"mlx-openai-server in {MLX_VENV}")
+def real_server(env: Env, mlx_version: str) -> Env:
+    """Point mlxctl at the real mlx-openai-server of `mlx_version` (`env.mlx_version`)."""
+    server = mlx_server(mlx_version)
+    need(server.exists(), f"mlx-openai-server {mlx_version} in {server.parent.parent}")
+    env.mlx_version = mlx_version
     env.set(
-        MLX_LAUNCH_CMD=f"{MLX_VENV / 'bin' / 'mlx-openai-server'} launch",
+        MLX_LAUNCH_CMD=f"{server} launch",
         MLX_START_TIMEOUT="120",
         MLX_STOP_TIMEOUT="10",
     )
