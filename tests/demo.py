@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from fixtures.ports import port_block  # noqa: E402
 from fixtures.tiny_model import build  # noqa: E402
 
-MLX_VENV = Path(os.environ.get("MLXCTL_TEST_MLX_VENV", ROOT / ".venv-mlx"))
+# what a Studio installs today (SPEC §13): the newest release, 1.8.1
+MLX_VENV = Path(os.environ.get("MLXCTL_TEST_MLX18_VENV", ROOT / ".venv-mlx18"))
 
 
 def say(text: str) -> None:
@@ -69,6 +70,7 @@ def main() -> int:
         "MLX_EXPERIMENTAL_PORTS": f"{base + 10}-{base + 19}",
         "MLX_LAUNCH_CMD": f"{MLX_VENV / 'bin' / 'mlx-openai-server'} launch",
         "MLX_START_TIMEOUT": "180",
+        "MLX_ROUTE_PORT": "off",  # the demo runs no watch, so no route
     }
     env.pop("MLXCTL_CONFIG", None)
 
@@ -98,7 +100,7 @@ def main() -> int:
         mlxctl("init")
         mlxctl("list")
 
-        say("loading it on the lowest free experimental port (the real mlx-openai-server 1.6.3)")
+        say("loading it on the lowest free experimental port (the real mlx-openai-server 1.8.1)")
         started = time.monotonic()
         model_id, port_text = mlxctl("load", "mlx-tiny-llama-mlx", "auto", "--no-sync").split()
         port = int(port_text)
@@ -121,8 +123,15 @@ def main() -> int:
             reply = json.loads(response.read())
         print("reply:", json.dumps(reply["choices"][0]["message"])[:200])
 
-        say("status")
+        say("status and the Prometheus metrics of the lane")
         mlxctl("status")
+        print(
+            "\n".join(
+                line
+                for line in mlxctl("metrics").splitlines()
+                if "lane_" in line and not line.startswith("#")
+            )
+        )
 
         say("syncing the gateway files (GATEWAY_HOST=local)")
         mlxctl("sync-gateway")
