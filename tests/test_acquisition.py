@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MLX_VENV, Cli, Env, need
+from conftest import MLX_VENV, Cli, Env, need, registry_entry
 from fixtures.fake_hub import FakeHub
+from helpers import add_entries, chat, empty_or_absent, model_dir, write_script
 
 CONVERT = f"{MLX_VENV / 'bin' / 'python'} -m mlx_lm.convert --hf-path {{src}} --mlx-path {{dest}}"
 
@@ -30,19 +29,6 @@ def tiny_hf_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from fixtures.tiny_model import build
 
     return build("hf", tmp_path_factory.mktemp("tinyhf") / "tiny-hf", str(MLX_VENV / "bin/python"))
-
-
-def chat(port: int) -> dict:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/chat/completions",
-        data=json.dumps(
-            {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
-        ).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(request, timeout=60) as response:
-        return json.loads(response.read())
 
 
 def small_repo() -> dict[str, bytes]:
@@ -77,7 +63,7 @@ def test_load_preconverted_repo_on_an_empty_cache(
     assert "/models--mlx-community--Tiny-Llama-4bit/snapshots/" in entry["cache_path"]
     assert entry["source_path"] == entry["cache_path"]
     assert "og_path" not in entry
-    assert chat(env.exp[0])["choices"]
+    assert chat(env.exp[0], "mlx-tiny-llama-4bit")["choices"]
 
 
 @pytest.mark.real
@@ -113,7 +99,7 @@ def test_load_converts_and_offloads_over_ssh(
     assert (drive / og.name / "blobs").is_dir()
     assert (converted / "config.json").exists()
     assert not list((env.hub / "mlx-converted").glob(".*tmp*"))
-    assert chat(entry["port"])["choices"]
+    assert chat(entry["port"], "mlx-tiny")["choices"]
     assert "Traceback" not in result.stderr
 
 
@@ -193,16 +179,15 @@ def test_failed_conversion_leaves_nothing(env: Env, cli: Cli, hub: FakeHub) -> N
     files = small_repo()
     files["config.json"] = json.dumps({"model_type": "llama"}).encode()
     hub.add_repo("test-org/plain", files)
-    script = env.tmp / "bad-convert"
-    script.write_text('#!/bin/sh\nmkdir -p "$2" && echo partial > "$2/weights" && exit 3\n')
-    script.chmod(0o755)
+    script = write_script(
+        env.tmp / "bad-convert", 'mkdir -p "$2" && echo partial > "$2/weights" && exit 3'
+    )
     env.set(MLX_CONVERT_CMD=f"{script} {{src}} {{dest}}")
     before = env.registry_path.read_bytes() if env.registry_path.exists() else None
     code, _, err = cli("ensure", "test-org/plain")
     assert code == 1
     assert "conversion of test-org/plain failed (exit 3)" in err
-    converted = env.hub / "mlx-converted"
-    assert not converted.exists() or not list(converted.iterdir())
+    assert empty_or_absent(env.hub / "mlx-converted")
     after = env.registry_path.read_bytes() if env.registry_path.exists() else None
     assert after == before
 
@@ -222,20 +207,8 @@ def registered_converted(env: Env, og: Path, model_id: str = "mlx-conv") -> None
     snap = og / "snapshots" / "1234"
     snap.mkdir(parents=True)
     (snap / "model.safetensors").symlink_to("../../blobs/abc")
-    converted = env.hub / "mlx-converted" / model_id
-    converted.mkdir(parents=True)
-    (converted / "config.json").write_text("{}")
-    models = env.registry()["models"] if env.registry_path.exists() else {}
-    models[model_id] = {
-        "repo_id": "o/conv",
-        "model_id": model_id,
-        "cache_path": str(converted),
-        "source_path": str(converted),
-        "format": "mlx",
-        "port": None,
-        "og_path": str(og),
-    }
-    env.write_registry(models)
+    converted = model_dir(env.hub / "mlx-converted", model_id, config={})
+    add_entries(env, registry_entry(model_id, converted, None, repo_id="o/conv", og_path=str(og)))
 
 
 def test_offload_local_drive_and_dry_run(env: Env, cli: Cli) -> None:
@@ -257,15 +230,8 @@ def test_offload_local_drive_and_dry_run(env: Env, cli: Cli) -> None:
 def test_offload_never_moves_what_serves_inference(env: Env, cli: Cli) -> None:
     og = env.hub / "models--o--conv"
     registered_converted(env, og)
-    models = env.registry()["models"]
-    models["mlx-other"] = {
-        "repo_id": "o/other",
-        "model_id": "mlx-other",
-        "cache_path": str(og / "snapshots" / "1234"),
-        "format": "hf",
-        "port": None,
-    }
-    env.write_registry(models)
+    snapshot = og / "snapshots" / "1234"  # an hf-format model served from the base weights
+    add_entries(env, registry_entry("mlx-other", snapshot, None, repo_id="o/other", format="hf"))
     env.set(MLX_OFFLOAD_DIR=str(env.tmp / "drive"))
     code, _, err = cli("offload-og")
     assert code == 0
@@ -277,9 +243,7 @@ def fake_rsync(env: Env, body: str) -> None:
     """An rsync first on PATH that runs the real one, then misbehaves as `body` says."""
     bindir = env.tmp / "bin"
     bindir.mkdir(exist_ok=True)
-    script = bindir / "rsync"
-    script.write_text(f"#!/bin/sh\n{body}\n")
-    script.chmod(0o755)
+    write_script(bindir / "rsync", body)
     env.set(PATH=f"{bindir}:{os.environ['PATH']}")
 
 
@@ -318,4 +282,8 @@ def test_hub_env_reaches_the_library(env: Env, hub: FakeHub) -> None:
     environ["MLXCTL_CONFIG"] = str(config)
     result = env.run("ensure", "test-org/viafile-mlx", env=environ)
     assert result.returncode == 0, result.stderr
-    assert sys.executable  # the real file ran with the test interpreter
+    # the repo is gated: only the token from the file lets it through, from the file's endpoint
+    assert result.stdout.strip() == "mlx-viafile-mlx"
+    snapshot = Path(env.registry()["models"]["mlx-viafile-mlx"]["cache_path"])
+    assert (snapshot / "model.safetensors").read_bytes() == small_repo()["model.safetensors"]
+    assert hub.total_requests("test-org/viafile-mlx") > 0

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from conftest import Cli, Env
+from helpers import read_jsonl, status_rows, write_knobs
 
 SIZES = {"mlx-a": 6000, "mlx-b": 5000, "mlx-f": 4000, "mlx-c": 3000, "mlx-d": 2000, "mlx-e": 1000}
 OPTILLM = {"mlx-a", "mlx-f", "mlx-c"}
@@ -58,9 +59,7 @@ def test_plan_swap_and_minimal_restarts(env: Env, cli: Cli) -> None:
     }
     code, out, err = cli("assign-team", "--dry-run")
     assert code == 0, err
-    assert {m: p for m, p in expected.items()} == {
-        line.split()[1]: int(line.split()[0]) for line in out.splitlines()
-    }
+    assert {line.split()[1]: int(line.split()[0]) for line in out.splitlines()} == expected
     assert all(starts(env, m) == 1 for m in SIZES), "dry-run started nothing"
 
     code, out, err = cli("--json", "assign-team")
@@ -81,12 +80,12 @@ def test_plan_swap_and_minimal_restarts(env: Env, cli: Cli) -> None:
     }
     assert not any("withheld" in e or "reservation" in e for e in env.registry()["models"].values())
     # the gateway agrees with the registry
-    rows = [json.loads(line) for line in env.handles.read_text().splitlines()]
+    rows = read_jsonl(env.handles)
     assert {r["handle"]: int(r["endpoint_ref"].rsplit("_", 1)[1]) for r in rows} == expected
     # every model serves on its planned port
     code, out, _ = cli("--json", "status")
     states = {
-        p["model_id"]: (p["port"], p["state"]) for p in json.loads(out)["ports"] if p["model_id"]
+        p["model_id"]: (p["port"], p["state"]) for p in status_rows(out).values() if p["model_id"]
     }
     assert states == {m: (p, "serving") for m, p in expected.items()}
     # start.sh reminder with the new load lines
@@ -116,8 +115,7 @@ def test_failure_stops_the_plan_and_leaves_a_consistent_registry(env: Env, cli: 
     assert cli("load", "mlx-good", str(x[0]), "--no-sync")[0] == 0
     assert cli("load", "mlx-zbad", str(x[1]), "--no-sync")[0] == 0
     # from now on mlx-zbad cannot start again (moves run in id order: mlx-good first)
-    bad_dir = Path(env.registry()["models"]["mlx-zbad"]["cache_path"])
-    (bad_dir / "standin.json").write_text(json.dumps({"exit_before_bind": 0}))
+    write_knobs(Path(env.registry()["models"]["mlx-zbad"]["cache_path"]), exit_before_bind=0)
     code, _, err = cli("--json", "assign-team")
     assert code == 1
     assert "assign-team stopped" in err
@@ -126,5 +124,5 @@ def test_failure_stops_the_plan_and_leaves_a_consistent_registry(env: Env, cli: 
     assert models["mlx-zbad"]["port"] is None  # unloaded from x[1], failed to start on t[6]
     assert not any("withheld" in e or "reservation" in e for e in models.values())
     code, out, _ = cli("--json", "status")
-    live = {p["port"]: p["state"] for p in json.loads(out)["ports"] if p["state"] != "free"}
+    live = {port: p["state"] for port, p in status_rows(out).items() if p["state"] != "free"}
     assert live == {t[5]: "serving"}

@@ -7,11 +7,21 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MLXCTL, STANDIN, Cli, Env, registry_entry
+from conftest import MLXCTL, Cli, Env
+from helpers import (
+    alive,
+    bak,
+    empty_or_absent,
+    error_line,
+    plain_entry,
+    read_record,
+    seed_registry,
+    status_row,
+    write_record,
+)
 
 import mlxctl
 
@@ -20,34 +30,21 @@ import mlxctl
 GOOD_MODEL = "mlx-a"
 
 
-def model_dir(env: Env, name: str) -> Path:
-    path = env.tmp / "plain" / name
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text("{}")
-    return path
-
-
 def good_entry(env: Env, port: int | None = None, model_id: str = GOOD_MODEL) -> dict[str, Any]:
-    return registry_entry(model_id, model_dir(env, model_id), port)
-
-
-def bak(env: Env) -> Path:
-    return Path(str(env.registry_path) + ".bak")
+    return plain_entry(env, model_id, port)
 
 
 def assert_clean_failure(env: Env, code: int, err: str, before: bytes | None, exit_code: int = 1):
     assert code == exit_code, err
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if line.startswith("mlxctl: error:")]
-    assert len(errors) == 1, err
-    for line in err.splitlines():
-        assert line.startswith(("mlxctl: error:", "mlxctl: warning:", "hint: ")), err
+    line = error_line(err)  # exactly one, and no traceback
+    for other in err.splitlines():
+        assert other.startswith(("mlxctl: error:", "mlxctl: warning:", "hint: ")), err
     if before is None:
         assert not env.registry_path.exists()
     else:
         assert env.registry_path.read_bytes() == before
-    assert not bak(env).exists()
-    return errors[0]
+    assert not bak(env.registry_path).exists()
+    return line
 
 
 # Every command that reads the registry, with the arguments it needs; syncing ones get --no-sync.
@@ -117,13 +114,13 @@ def test_corrupt_registry(env: Env, cli: Cli, kind: str, index: int) -> None:
 
 
 def test_corrupt_registry_names_the_backup(env: Env, cli: Cli) -> None:
-    bak(env).write_text(json.dumps({"version": 1, "models": {}}))
+    bak(env.registry_path).write_text(json.dumps({"version": 1, "models": {}}))
     env.registry_path.write_text("{")
     code, _, err = cli("set", GOOD_MODEL, "optillm=true", "--no-sync")
     assert code == 1
     assert f"{env.registry_path}.bak" in err
     assert env.registry_path.read_text() == "{"
-    assert json.loads(bak(env).read_text()) == {"version": 1, "models": {}}
+    assert json.loads(bak(env.registry_path).read_text()) == {"version": 1, "models": {}}
 
 
 def test_registry_is_a_directory(env: Env, cli: Cli) -> None:
@@ -221,8 +218,7 @@ def test_registry_missing_required_field(env: Env, cli: Cli, field: str) -> None
 
 @pytest.fixture
 def future_registry(env: Env) -> bytes:
-    env.write_registry({GOOD_MODEL: good_entry(env, env.team[0])}, version=2, generation=9)
-    return env.registry_path.read_bytes()
+    return seed_registry(env, good_entry(env, env.team[0]), version=2, generation=9)
 
 
 @pytest.mark.parametrize(
@@ -266,7 +262,7 @@ def test_future_version_refuses_writes(
     code, _, err = cli(*argv)
     line = assert_clean_failure(env, code, err, future_registry)
     assert "version 2" in line
-    assert not (env.state / "run").exists() or not list((env.state / "run").iterdir())
+    assert empty_or_absent(env.state / "run")
 
 
 # -- unknown models, ports, names ---------------------------------------------------------------
@@ -274,8 +270,7 @@ def test_future_version_refuses_writes(
 
 @pytest.fixture
 def registry(env: Env) -> bytes:
-    env.write_registry({GOOD_MODEL: good_entry(env)})
-    return env.registry_path.read_bytes()
+    return seed_registry(env, good_entry(env))
 
 
 @pytest.mark.parametrize(
@@ -487,7 +482,7 @@ def test_bad_setting_values(
     code, _, err = cli(*argv)
     line = assert_clean_failure(env, code, err, registry)
     assert setting in line
-    assert not (env.state / "run").exists() or not list((env.state / "run").iterdir())
+    assert empty_or_absent(env.state / "run")
 
 
 def test_memory_limit_refuses_before_any_spawn(env: Env, cli: Cli, registry: bytes) -> None:
@@ -496,7 +491,7 @@ def test_memory_limit_refuses_before_any_spawn(env: Env, cli: Cli, registry: byt
     line = assert_clean_failure(env, code, err, registry)
     assert "memory" in line
     assert "--force" in err
-    assert not (env.state / "logs").exists() or not list((env.state / "logs").iterdir())
+    assert empty_or_absent(env.state / "logs")
 
 
 # -- corrupt runtime records --------------------------------------------------------------------
@@ -534,16 +529,13 @@ CORRUPT_RECORDS: dict[str, bytes] = {
 @pytest.mark.parametrize("kind", list(CORRUPT_RECORDS))
 def test_corrupt_runtime_record(env: Env, kind: str) -> None:
     port = env.team[0]
-    env.write_registry({GOOD_MODEL: good_entry(env, port)})
-    run_dir = env.state / "run"
-    run_dir.mkdir(parents=True)
-    record = run_dir / f"{port}.json"
-    record.write_bytes(CORRUPT_RECORDS[kind])
+    seed_registry(env, good_entry(env, port))
+    record = write_record(env, port, raw=CORRUPT_RECORDS[kind])
     try:
         status = run_isolated(env, "status", "--json")
         assert status.returncode == 0, status.stderr
         assert "Traceback" not in status.stderr
-        row = next(p for p in json.loads(status.stdout)["ports"] if p["port"] == port)
+        row = status_row(status.stdout, port)
         assert row["state"] == "dead"
         assert row["ours"] is False
         assert row["pid"] is None
@@ -587,20 +579,17 @@ def test_record_is_ours_of_the_callers_own_group(env: Env) -> None:
 def test_runtime_record_of_an_unassigned_port(env: Env) -> None:
     """A record for a port outside both ranges (left behind by older settings) is shown, not fatal."""
     port = env.exp[-1] + 3
-    env.write_registry({GOOD_MODEL: good_entry(env)})
-    run_dir = env.state / "run"
-    run_dir.mkdir(parents=True)
-    (run_dir / f"{port}.json").write_bytes(b"{oops")
+    seed_registry(env, good_entry(env))
+    write_record(env, port, raw=b"{oops")
     result = run_isolated(env, "status", "--json")
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert "corrupt" in result.stderr
-    ports = {p["port"]: p for p in json.loads(result.stdout)["ports"]}
-    assert ports[port]["state"] == "free"
+    assert status_row(result.stdout, port)["state"] == "free"
 
 
 def test_stray_files_in_the_run_dir_are_ignored(env: Env) -> None:
-    env.write_registry({GOOD_MODEL: good_entry(env)})
+    seed_registry(env, good_entry(env))
     run_dir = env.state / "run"
     run_dir.mkdir(parents=True)
     (run_dir / "notaport.json").write_text("{}")
@@ -653,7 +642,6 @@ def test_env_var_and_registry_errors_never_leak_secrets(env: Env, cli: Cli) -> N
     assert secret not in out + err
 
 
-@pytest.mark.skipif(not STANDIN.exists(), reason="needs the stand-in server")
 @pytest.mark.parametrize("verb", ["unload", "unload-all", "reconcile"])
 def test_future_version_stops_nothing(env: Env, cli: Cli, verb: str) -> None:
     """Writes are refused on a newer registry, so nothing that the write would record may happen
@@ -668,10 +656,7 @@ def test_future_version_stops_nothing(env: Env, cli: Cli, verb: str) -> None:
     data["models"]["mlx-orphan"]["port"] = None  # its server is now an orphan
     env.registry_path.write_text(json.dumps(data, indent=2))
     before = env.registry_path.read_bytes()
-    pids = [
-        json.loads((env.state / "run" / f"{p}.json").read_text())["pid"]
-        for p in (port, env.team[1])
-    ]
+    pids = [read_record(env, p)["pid"] for p in (port, env.team[1])]
     argv = {"unload": ["unload", str(port)], "unload-all": ["unload-all"]}.get(verb, [verb])
     code, _, err = cli(*argv, "--no-sync")
     assert code == 1
@@ -679,5 +664,4 @@ def test_future_version_stops_nothing(env: Env, cli: Cli, verb: str) -> None:
     assert "version 2" in err
     assert env.registry_path.read_bytes() == before
     for pid in pids:
-        info = mlxctl.read_proc(pid)
-        assert info is not None and info.state != "Z", "a server was stopped before the refusal"
+        assert alive(pid), "a server was stopped before the refusal"

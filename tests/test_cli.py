@@ -11,21 +11,44 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MLXCTL, STANDIN, Cli, Env, registry_entry
+from conftest import Cli, Env
+from helpers import (
+    alive,
+    bak,
+    connectable,
+    empty_or_absent,
+    error_line,
+    model_dir,
+    one_json,
+    plain_entry,
+    read_record,
+    record_path,
+    run_records,
+    seed_registry,
+    spawn_mlxctl,
+    standin_argv,
+    status_row,
+    status_rows,
+    wait_until,
+    write_record,
+)
 
 import mlxctl
 
 # -- helpers ------------------------------------------------------------------------------------
 
 RESULT_KEYS = {"ok", "command", "changed", "model_id", "port", "sync", "error"}
-STATUS_KEYS = {"port", "state", "model_id", "served_id", "ours", "pid", "uptime_s", "rss_bytes"}
+STATUS_KEYS = {
+    *("port", "state", "model_id", "served_id", "ours", "pid", "uptime_s", "rss_bytes"),
+    # SPEC §13.1: watch's verdicts; restart_needed: serves under its path on a 1.8 server
+    *("failed_reason", "next_restart_at", "restarts", "last_failure", "restart_needed"),
+}
 LIST_KEYS = {"model_id", "port", "format", "repo_id", "size_bytes"}
 EXPORT_MODEL_KEYS = {
     "handle",
@@ -37,56 +60,17 @@ EXPORT_MODEL_KEYS = {
 }
 
 
-def plain_model(env: Env, name: str, config: dict[str, Any] | None = None, size: int = 100) -> Path:
-    """A model directory without a server knob file (for tests that never start it)."""
-    path = env.tmp / "plain" / name
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config or {"model_type": "llama"}))
-    (path / "model.safetensors").write_bytes(b"\0" * size)
-    return path
-
-
-def entry(env: Env, model_id: str, port: int | None = None, **fields: Any) -> dict[str, Any]:
-    path = fields.pop("path", None) or plain_model(env, model_id)
-    return registry_entry(model_id, path, port, **fields)
-
-
-def seed(env: Env, *entries: dict[str, Any], **top: Any) -> bytes:
-    env.write_registry({e["model_id"]: e for e in entries}, **top)
-    return env.registry_path.read_bytes()
-
-
-def one_json(out: str) -> dict[str, Any]:
-    lines = [line for line in out.splitlines() if line.strip()]
-    assert len(lines) == 1, f"expected exactly one JSON line on stdout, got {out!r}"
-    data = json.loads(lines[0])
-    assert isinstance(data, dict)
-    return data
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("mlxctl: error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
-
-
-def run_records(env: Env) -> list[Path]:
-    run_dir = env.state / "run"
-    return sorted(run_dir.glob("*.json")) if run_dir.is_dir() else []
-
-
 # -- reading commands ---------------------------------------------------------------------------
 
 
 def test_list_text_sorted_by_port_null_last(env: Env, cli: Cli) -> None:
     t = env.team
-    seed(
+    seed_registry(
         env,
-        entry(env, "mlx-zeta", t[3]),
-        entry(env, "mlx-beta", None),
-        entry(env, "mlx-alpha", None, repo_id=None),
-        entry(env, "mlx-gamma", t[1], format="hf"),
+        plain_entry(env, "mlx-zeta", t[3]),
+        plain_entry(env, "mlx-beta", None),
+        plain_entry(env, "mlx-alpha", None, repo_id=None),
+        plain_entry(env, "mlx-gamma", t[1], format="hf"),
     )
     code, out, err = cli("list")
     assert code == 0, err
@@ -105,7 +89,7 @@ def test_list_text_sorted_by_port_null_last(env: Env, cli: Cli) -> None:
 
 
 def test_list_json_shape(env: Env, cli: Cli) -> None:
-    seed(env, entry(env, "mlx-a", env.team[0]), entry(env, "mlx-b"))
+    seed_registry(env, plain_entry(env, "mlx-a", env.team[0]), plain_entry(env, "mlx-b"))
     code, out, _ = cli("list", "--json")
     assert code == 0
     data = json.loads(out)
@@ -126,7 +110,9 @@ def test_list_json_shape(env: Env, cli: Cli) -> None:
 
 
 def test_list_size(env: Env, cli: Cli) -> None:
-    seed(env, entry(env, "mlx-a", path=plain_model(env, "mlx-a", size=5000)))
+    seed_registry(
+        env, plain_entry(env, "mlx-a", path=model_dir(env.tmp / "plain", "mlx-a", weights=5000))
+    )
     code, out, _ = cli("list", "--size", "--json")
     assert code == 0
     size = json.loads(out)["models"][0]["size_bytes"]
@@ -144,7 +130,7 @@ def test_list_without_registry_is_empty(env: Env, cli: Cli) -> None:
 
 
 def test_list_warns_about_bad_ids(env: Env, cli: Cli) -> None:
-    seed(env, entry(env, "Old_Name"))
+    seed_registry(env, plain_entry(env, "Old_Name"))
     code, out, err = cli("list")
     assert code == 0
     assert "Old_Name" in out
@@ -154,18 +140,33 @@ def test_list_warns_about_bad_ids(env: Env, cli: Cli) -> None:
 
 def test_show_text_and_json(env: Env, cli: Cli) -> None:
     port = env.team[2]
-    e = entry(env, "mlx-a", port, chat_template="/t.jinja", server_args=["--trust-remote-code"])
-    seed(env, e)
+    e = plain_entry(
+        env, "mlx-a", port, chat_template="/t.jinja", server_args=["--trust-remote-code"]
+    )
+    seed_registry(env, e)
     code, out, _ = cli("show", "mlx-a", "--json")
     assert code == 0
     data = json.loads(out)
     assert set(data) >= {"model_id", "entry", "runtime", "launch_argv"}
     assert data["entry"] == e
     assert data["runtime"] is None
-    launcher = mlxctl.shlex.split(env.vars["MLX_LAUNCH_CMD"])
-    app_log = str(env.state / "logs" / f"{port}.app.log")
-    assert data["launch_argv"] == mlxctl.launch_argv(launcher, e, port, "127.0.0.1", app_log)
-    assert data["launch_argv"][-3:] == ["--chat-template-file", "/t.jinja", "--trust-remote-code"]
+    # the exact argv of SPEC §8, spelt out (not recomputed by mlxctl.launch_argv)
+    assert data["launch_argv"] == [
+        *mlxctl.shlex.split(env.vars["MLX_LAUNCH_CMD"]),
+        "--model-path",
+        e["cache_path"],
+        "--model-type",
+        "lm",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-file",
+        str(env.state / "logs" / f"{port}.app.log"),
+        "--chat-template-file",
+        "/t.jinja",
+        "--trust-remote-code",
+    ]
     # by repo id too
     code, out, _ = cli("show", "test-org/mlx-a")
     assert code == 0
@@ -174,7 +175,7 @@ def test_show_text_and_json(env: Env, cli: Cli) -> None:
 
 
 def test_show_unassigned_has_no_argv(env: Env, cli: Cli) -> None:
-    seed(env, entry(env, "mlx-a"))
+    seed_registry(env, plain_entry(env, "mlx-a"))
     code, out, _ = cli("show", "mlx-a", "--json")
     assert code == 0
     assert json.loads(out)["launch_argv"] is None
@@ -182,10 +183,10 @@ def test_show_unassigned_has_no_argv(env: Env, cli: Cli) -> None:
 
 def test_export_shape(env: Env, cli: Cli) -> None:
     t = env.team
-    big = plain_model(env, "mlx-big", config={"max_position_embeddings": 131072})
-    seed(
+    big = model_dir(env.tmp / "plain", "mlx-big", config={"max_position_embeddings": 131072})
+    seed_registry(
         env,
-        entry(
+        plain_entry(
             env,
             "mlx-b",
             t[1],
@@ -193,9 +194,9 @@ def test_export_shape(env: Env, cli: Cli) -> None:
             max_output_tokens=4096,
             request_params={"reasoning_effort": "low"},
         ),
-        entry(env, "mlx-a", t[0], path=big),
-        entry(env, "mlx-unassigned"),
-        entry(
+        plain_entry(env, "mlx-a", t[0], path=big),
+        plain_entry(env, "mlx-unassigned"),
+        plain_entry(
             env,
             "mlx-reserved",
             t[2],
@@ -206,8 +207,8 @@ def test_export_shape(env: Env, cli: Cli) -> None:
                 "previous_port": None,
             },
         ),
-        entry(env, "mlx-gone", t[3], cache_path=str(env.tmp / "nowhere")),
-        entry(env, "Bad_Id", t[4]),
+        plain_entry(env, "mlx-gone", t[3], cache_path=str(env.tmp / "nowhere")),
+        plain_entry(env, "Bad_Id", t[4]),
         generation=7,
     )
     code, out, err = cli("export")
@@ -244,10 +245,10 @@ def test_export_shape(env: Env, cli: Cli) -> None:
 
 
 def test_export_never_writes(env: Env, cli: Cli) -> None:
-    before = seed(env, entry(env, "mlx-a", env.team[0]))
+    before = seed_registry(env, plain_entry(env, "mlx-a", env.team[0]))
     assert cli("export")[0] == 0
     assert env.registry_path.read_bytes() == before
-    assert not Path(str(env.registry_path) + ".bak").exists()
+    assert not bak(env.registry_path).exists()
 
 
 # -- settings through a real config file --------------------------------------------------------
@@ -286,8 +287,10 @@ def test_config_sources_through_a_real_file(env: Env, cli: Cli) -> None:
 def test_config_file_decides_where_the_registry_is(env: Env, cli: Cli) -> None:
     elsewhere = env.tmp / "elsewhere" / "reg.json"
     elsewhere.parent.mkdir()
-    elsewhere.write_text(json.dumps({"version": 1, "models": {"mlx-far": entry(env, "mlx-far")}}))
-    seed(env, entry(env, "mlx-near"))
+    elsewhere.write_text(
+        json.dumps({"version": 1, "models": {"mlx-far": plain_entry(env, "mlx-far")}})
+    )
+    seed_registry(env, plain_entry(env, "mlx-near"))
     conf = env.tmp / "config.env"
     conf.write_text(f"MLX_REGISTRY_PATH={elsewhere}\n")
     env.set(MLXCTL_CONFIG=str(conf))
@@ -369,7 +372,7 @@ def test_config_missing_launcher(env: Env, cli: Cli) -> None:
 
 
 def test_set_persists_and_increments_generation(env: Env, cli: Cli) -> None:
-    before = seed(env, entry(env, "mlx-a"), generation=41)
+    before = seed_registry(env, plain_entry(env, "mlx-a"), generation=41)
     code, out, err = cli(
         "set",
         "mlx-a",
@@ -387,7 +390,7 @@ def test_set_persists_and_increments_generation(env: Env, cli: Cli) -> None:
     assert model["request_params"] == {"reasoning_effort": "high"}
     assert model["server_args"] == ["--trust-remote-code", "--foo", "a b"]
     assert model["optillm"] is True
-    assert Path(str(env.registry_path) + ".bak").read_bytes() == before
+    assert bak(env.registry_path).read_bytes() == before
     assert "context_length=8192" in out
     # removing with key=
     code, _, _ = cli("set", "mlx-a", "context_length=", "server_args=", "--no-sync")
@@ -399,18 +402,18 @@ def test_set_persists_and_increments_generation(env: Env, cli: Cli) -> None:
 
 
 def test_set_unchanged_writes_nothing(env: Env, cli: Cli) -> None:
-    before = seed(env, entry(env, "mlx-a", context_length=100))
+    before = seed_registry(env, plain_entry(env, "mlx-a", context_length=100))
     code, _, err = cli("set", "mlx-a", "context_length=100", "--no-sync")
     assert code == 0
     assert "unchanged" in err
     assert env.registry_path.read_bytes() == before
-    assert not Path(str(env.registry_path) + ".bak").exists()
+    assert not bak(env.registry_path).exists()
 
 
 def test_set_preserves_unknown_fields(env: Env, cli: Cli) -> None:
-    e = entry(env, "mlx-a", future_field={"nested": [1, 2, {"x": None}]}, note="héllo ✓")
-    other = entry(env, "mlx-b", weird=[True, 1.5])
-    seed(env, e, other, generation=3, operator_notes={"a": "b"}, schema_hint="x")
+    e = plain_entry(env, "mlx-a", future_field={"nested": [1, 2, {"x": None}]}, note="héllo ✓")
+    other = plain_entry(env, "mlx-b", weird=[True, 1.5])
+    seed_registry(env, e, other, generation=3, operator_notes={"a": "b"}, schema_hint="x")
     before = env.registry()
     code, _, err = cli("set", "mlx-a", "tool_call_parser=harmony", "--no-sync")
     assert code == 0, err
@@ -427,12 +430,11 @@ def test_set_preserves_unknown_fields(env: Env, cli: Cli) -> None:
 
 @pytest.mark.parametrize("mode", [0o600, 0o640, 0o664])
 def test_set_preserves_file_mode(env: Env, cli: Cli, mode: int) -> None:
-    seed(env, entry(env, "mlx-a"))
+    seed_registry(env, plain_entry(env, "mlx-a"))
     env.registry_path.chmod(mode)
     assert cli("set", "mlx-a", "optillm=on", "--no-sync")[0] == 0
     assert stat.S_IMODE(env.registry_path.stat().st_mode) == mode
-    bak = Path(str(env.registry_path) + ".bak")
-    assert stat.S_IMODE(bak.stat().st_mode) == mode
+    assert stat.S_IMODE(bak(env.registry_path).stat().st_mode) == mode
 
 
 @pytest.mark.parametrize(
@@ -454,16 +456,16 @@ def test_set_preserves_file_mode(env: Env, cli: Cli, mode: int) -> None:
     ],
 )
 def test_set_refused_changes_nothing(env: Env, cli: Cli, assignment: str) -> None:
-    before = seed(env, entry(env, "mlx-a"))
+    before = seed_registry(env, plain_entry(env, "mlx-a"))
     code, _out, err = cli("set", "mlx-a", "chat_template=/ok", assignment, "--no-sync")
     assert code == 1
     error_line(err)
     assert env.registry_path.read_bytes() == before
-    assert not Path(str(env.registry_path) + ".bak").exists()
+    assert not bak(env.registry_path).exists()
 
 
 def test_set_json_result(env: Env, cli: Cli) -> None:
-    seed(env, entry(env, "mlx-a"))
+    seed_registry(env, plain_entry(env, "mlx-a"))
     code, out, _ = cli("set", "mlx-a", "optillm=true", "--no-sync", "--json")
     assert code == 0
     data = one_json(out)
@@ -483,15 +485,15 @@ def test_set_json_result(env: Env, cli: Cli) -> None:
 
 
 def test_set_dry_run_changes_nothing(env: Env, cli: Cli) -> None:
-    before = seed(env, entry(env, "mlx-a"))
+    before = seed_registry(env, plain_entry(env, "mlx-a"))
     code, _, _ = cli("set", "mlx-a", "context_length=1000", "--dry-run", "--no-sync")
     assert code == 0
     assert env.registry_path.read_bytes() == before
-    assert not Path(str(env.registry_path) + ".bak").exists()
+    assert not bak(env.registry_path).exists()
 
 
 def test_set_by_repo_id(env: Env, cli: Cli) -> None:
-    seed(env, entry(env, "mlx-a"))
+    seed_registry(env, plain_entry(env, "mlx-a"))
     assert cli("set", "test-org/mlx-a", "optillm=false", "--no-sync")[0] == 0
     assert env.registry()["models"]["mlx-a"]["optillm"] is False
 
@@ -500,7 +502,7 @@ def test_set_by_repo_id(env: Env, cli: Cli) -> None:
 
 
 def test_rename(env: Env, cli: Cli) -> None:
-    seed(env, entry(env, "Old_Name", keep="me"), entry(env, "mlx-other"))
+    seed_registry(env, plain_entry(env, "Old_Name", keep="me"), plain_entry(env, "mlx-other"))
     code, _out, err = cli("rename", "Old_Name", "mlx-new-name", "--no-sync")
     assert code == 0, err
     models = env.registry()["models"]
@@ -515,7 +517,7 @@ def test_rename(env: Env, cli: Cli) -> None:
     "new", ["Bad", "mlx-A", "mlx-a;b", "mlx-$(id)", "mlx-a/b", "mlx-..", "mlx-a b", "mlx-"]
 )
 def test_rename_enforces_the_pattern(env: Env, cli: Cli, new: str) -> None:
-    before = seed(env, entry(env, "mlx-a"))
+    before = seed_registry(env, plain_entry(env, "mlx-a"))
     code, _, err = cli("rename", "mlx-a", new, "--no-sync")
     assert code == 1
     error_line(err)
@@ -523,7 +525,7 @@ def test_rename_enforces_the_pattern(env: Env, cli: Cli, new: str) -> None:
 
 
 def test_rename_onto_existing_refused(env: Env, cli: Cli) -> None:
-    before = seed(env, entry(env, "mlx-a"), entry(env, "mlx-b"))
+    before = seed_registry(env, plain_entry(env, "mlx-a"), plain_entry(env, "mlx-b"))
     code, _, err = cli("rename", "mlx-a", "mlx-b", "--no-sync")
     assert code == 1
     assert "mlx-b" in error_line(err)
@@ -531,7 +533,7 @@ def test_rename_onto_existing_refused(env: Env, cli: Cli) -> None:
 
 
 def test_rename_dry_run(env: Env, cli: Cli) -> None:
-    before = seed(env, entry(env, "mlx-a"))
+    before = seed_registry(env, plain_entry(env, "mlx-a"))
     assert cli("rename", "mlx-a", "mlx-b", "--dry-run", "--no-sync")[0] == 0
     assert env.registry_path.read_bytes() == before
 
@@ -582,7 +584,7 @@ def test_usage_errors_exit_2(env: Env, cli: Cli, argv: list[str]) -> None:
     ],
 )
 def test_refused_values_exit_1(env: Env, cli: Cli, argv: list[str]) -> None:
-    before = seed(env, entry(env, "mlx-a"))
+    before = seed_registry(env, plain_entry(env, "mlx-a"))
     code, _, err = cli(*argv, *(["--no-sync"] if argv[0] in ("load", "unload", "set") else []))
     assert code == 1, err
     error_line(err)
@@ -606,18 +608,18 @@ def test_version_by_subprocess(env: Env) -> None:
 
 
 def test_load_dry_run_starts_nothing(env: Env, cli: Cli) -> None:
-    before = seed(env, entry(env, "mlx-a"))
+    before = seed_registry(env, plain_entry(env, "mlx-a"))
     code, out, err = cli("load", "mlx-a", "auto", "--dry-run", "--no-sync")
     assert code == 0, err
     assert "would start" in out
     assert "--model-path" in out
     assert env.registry_path.read_bytes() == before
     assert run_records(env) == []
-    assert not (env.state / "logs").exists() or not list((env.state / "logs").iterdir())
+    assert empty_or_absent(env.state / "logs")
 
 
 def test_unload_dry_run_changes_nothing(env: Env, cli: Cli) -> None:
-    before = seed(env, entry(env, "mlx-a", env.team[0]))
+    before = seed_registry(env, plain_entry(env, "mlx-a", env.team[0]))
     code, out, _ = cli("unload", str(env.team[0]), "--dry-run", "--no-sync")
     assert code == 0
     assert "would unload" in out
@@ -625,7 +627,9 @@ def test_unload_dry_run_changes_nothing(env: Env, cli: Cli) -> None:
 
 
 def test_unload_all_and_reconcile_dry_run_change_nothing(env: Env, cli: Cli) -> None:
-    before = seed(env, entry(env, "mlx-a", env.team[0]), entry(env, "mlx-b", env.exp[0]))
+    before = seed_registry(
+        env, plain_entry(env, "mlx-a", env.team[0]), plain_entry(env, "mlx-b", env.exp[0])
+    )
     code, out, _ = cli("unload-all", "--dry-run", "--no-sync")
     assert code == 0
     assert "would unload mlx-a" in out
@@ -634,11 +638,11 @@ def test_unload_all_and_reconcile_dry_run_change_nothing(env: Env, cli: Cli) -> 
     assert code == 0
     assert "would clear dead assignment mlx-a" in out
     assert env.registry_path.read_bytes() == before
-    assert not Path(str(env.registry_path) + ".bak").exists()
+    assert not bak(env.registry_path).exists()
 
 
 def test_unload_free_port_is_a_noop(env: Env, cli: Cli) -> None:
-    before = seed(env, entry(env, "mlx-a"))
+    before = seed_registry(env, plain_entry(env, "mlx-a"))
     code, out, _err = cli("unload", str(env.team[0]), "--no-sync")
     assert code == 0
     assert out == ""
@@ -646,7 +650,7 @@ def test_unload_free_port_is_a_noop(env: Env, cli: Cli) -> None:
 
 
 def test_unload_dead_assignment_clears_it(env: Env, cli: Cli) -> None:
-    seed(env, entry(env, "mlx-a", env.team[0]))
+    seed_registry(env, plain_entry(env, "mlx-a", env.team[0]))
     code, out, _ = cli("unload", str(env.team[0]), "--no-sync")
     assert code == 0
     assert out.split() == ["mlx-a", str(env.team[0])]
@@ -667,7 +671,7 @@ def test_status_of_an_empty_world(env: Env, cli: Cli) -> None:
 
 def test_status_out_of_range_assignment(env: Env, cli: Cli) -> None:
     far = env.exp[-1] + 5
-    seed(env, entry(env, "mlx-far", far))
+    seed_registry(env, plain_entry(env, "mlx-far", far))
     code, out, _ = cli("status")
     assert code == 0
     line = next(x for x in out.splitlines() if x.startswith(str(far)))
@@ -680,7 +684,7 @@ def test_status_out_of_range_assignment(env: Env, cli: Cli) -> None:
 
 
 def test_status_dead_check_exits_3(env: Env, cli: Cli) -> None:
-    seed(env, entry(env, "mlx-a", env.team[0]))
+    seed_registry(env, plain_entry(env, "mlx-a", env.team[0]))
     code, out, _ = cli("status", "--check")
     assert code == 3
     line = next(x for x in out.splitlines() if x.startswith(str(env.team[0])))
@@ -699,37 +703,6 @@ def test_status_shows_gateway_pending(env: Env, cli: Cli) -> None:
 
 # -- the lifecycle against stand-in servers -----------------------------------------------------
 
-needs_standin = pytest.mark.skipif(
-    not STANDIN.exists(),
-    reason="tests/fixtures/standin_server.py is not there yet",
-)
-
-
-def record(env: Env, port: int) -> dict[str, Any]:
-    data = json.loads((env.state / "run" / f"{port}.json").read_text())
-    assert isinstance(data, dict)
-    return data
-
-
-def alive(pid: int) -> bool:
-    info = mlxctl.read_proc(pid)
-    return info is not None and info.state != "Z"
-
-
-def wait_until(predicate: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
-
-
-def connectable(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
 
 @pytest.fixture
 def foreign(env: Env) -> Iterator[Any]:
@@ -738,17 +711,7 @@ def foreign(env: Env) -> Iterator[Any]:
 
     def start(path: Path, port: int, *, wait: bool = True) -> subprocess.Popen[bytes]:
         child = subprocess.Popen(
-            [
-                sys.executable,
-                str(STANDIN),
-                "launch",
-                "--model-path",
-                str(path),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
+            standin_argv(path, port),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -756,7 +719,7 @@ def foreign(env: Env) -> Iterator[Any]:
         )
         children.append(child)
         if wait:
-            assert wait_until(lambda: connectable(port)), f"stand-in on {port} did not listen"
+            wait_until(lambda: connectable(port))
         return child
 
     yield start
@@ -810,7 +773,6 @@ def http_404(env: Env) -> Iterator[Any]:
         server.server_close()
 
 
-@needs_standin
 def test_load_auto_picks_the_lowest_free_experimental_port(
     env: Env, cli: Cli, listening_socket: Any
 ) -> None:
@@ -827,7 +789,7 @@ def test_load_auto_picks_the_lowest_free_experimental_port(
     # defaults are persisted when a load is committed
     assert isinstance(model["context_length"], int)
     assert isinstance(model["max_output_tokens"], int)
-    rec = record(env, e[2])
+    rec = read_record(env, e[2])
     assert rec["model_id"] == "mlx-a"
     assert rec["pid"] == rec["pgid"]
     assert alive(rec["pid"])
@@ -856,20 +818,19 @@ def test_load_auto_picks_the_lowest_free_experimental_port(
     assert os.readlink(f"/proc/{rec['pid']}/cwd") == str(env.state)
 
 
-@needs_standin
 def test_load_twice_is_a_noop(env: Env, cli: Cli) -> None:
     env.add_model("mlx-a")
     code, out, err = cli("load", "mlx-a", "auto", "--no-sync")
     assert code == 0, err
     port = int(out.split()[1])
-    first = record(env, port)
+    first = read_record(env, port)
     before = env.registry_path.read_bytes()
     for argv in (["load", "mlx-a", "auto"], ["load", "mlx-a", str(port)]):
         code, out, err = cli(*argv, "--no-sync")
         assert code == 0, err
         assert out.split() == ["mlx-a", str(port)]
-        assert record(env, port)["pid"] == first["pid"]
-        assert record(env, port)["start_time"] == first["start_time"]
+        assert read_record(env, port)["pid"] == first["pid"]
+        assert read_record(env, port)["start_time"] == first["start_time"]
         assert env.registry_path.read_bytes() == before
     log = (env.state / "logs" / f"{port}.log").read_text()
     assert log.count("=== mlxctl start") == 1
@@ -881,7 +842,6 @@ def test_load_twice_is_a_noop(env: Env, cli: Cli) -> None:
     assert data["port"] == port
 
 
-@needs_standin
 def test_load_explicit_port_while_serving_elsewhere_is_refused(env: Env, cli: Cli) -> None:
     env.add_model("mlx-a")
     assert cli("load", "mlx-a", str(env.team[0]), "--no-sync")[0] == 0
@@ -892,7 +852,6 @@ def test_load_explicit_port_while_serving_elsewhere_is_refused(env: Env, cli: Cl
     assert env.registry_path.read_bytes() == before
 
 
-@needs_standin
 def test_status_shows_every_state(env: Env, cli: Cli, foreign: Any, http_404: Any) -> None:
     t = env.team
     # serving (ours)
@@ -920,7 +879,7 @@ def test_status_shows_every_state(env: Env, cli: Cli, foreign: Any, http_404: An
 
     code, out, err = cli("status", "--json")
     assert code == 0, err
-    rows = {row["port"]: row for row in json.loads(out)["ports"]}
+    rows = status_rows(out)
     expected = {
         t[0]: ("serving", "mlx-serving", True),
         t[1]: ("orphan", None, True),
@@ -937,14 +896,14 @@ def test_status_shows_every_state(env: Env, cli: Cli, foreign: Any, http_404: An
         assert set(row) == STATUS_KEYS
     serving = rows[t[0]]
     assert serving["served_id"] == env.registry()["models"]["mlx-serving"]["cache_path"]
-    assert serving["pid"] == record(env, t[0])["pid"]
+    assert serving["pid"] == read_record(env, t[0])["pid"]
     assert isinstance(serving["uptime_s"], (int, float))
     assert isinstance(serving["rss_bytes"], int) and serving["rss_bytes"] > 0
     assert rows[t[6]]["served_id"] == "/elsewhere"
     # a foreign listener's pid only with --pids
     assert rows[t[3]]["pid"] is None
     code, out, _ = cli("status", "--json", "--pids")
-    rows = {row["port"]: row for row in json.loads(out)["ports"]}
+    rows = status_rows(out)
     assert isinstance(rows[t[3]]["pid"], int)
     # text: free ports hidden unless --all, and --check exits 3 on drift
     code, out, err = cli("status", "--check")
@@ -965,13 +924,12 @@ def test_status_shows_every_state(env: Env, cli: Cli, foreign: Any, http_404: An
     assert str(t[7]) in out
 
 
-@needs_standin
 def test_status_one_hung_port_does_not_delay_the_rest(env: Env, cli: Cli, foreign: Any) -> None:
     hung = env.team[:6]
     for i, port in enumerate(hung):
         path = env.add_model(f"mlx-hang{i}", port=port, knobs={"hang": True, "start_delay": 0})
         foreign(path, port, wait=False)
-    assert wait_until(lambda: all(connectable(p) for p in hung))
+    wait_until(lambda: all(connectable(p) for p in hung))
     started = time.monotonic()
     code, out, _ = cli("status", "--check")
     elapsed = time.monotonic() - started
@@ -981,7 +939,6 @@ def test_status_one_hung_port_does_not_delay_the_rest(env: Env, cli: Cli, foreig
     assert elapsed < 1.5, elapsed
 
 
-@needs_standin
 def test_status_check_passes_when_all_serving(env: Env, cli: Cli) -> None:
     env.add_model("mlx-a")
     assert cli("load", "mlx-a", "auto", "--no-sync")[0] == 0
@@ -989,18 +946,17 @@ def test_status_check_passes_when_all_serving(env: Env, cli: Cli) -> None:
     assert code == 0, out + err
 
 
-@needs_standin
 def test_unload(env: Env, cli: Cli) -> None:
     env.add_model("mlx-a")
     port = env.team[0]
     assert cli("load", "mlx-a", str(port), "--no-sync")[0] == 0
-    pid = record(env, port)["pid"]
+    pid = read_record(env, port)["pid"]
     code, out, err = cli("unload", str(port), "--no-sync")
     assert code == 0, err
     assert out.split() == ["mlx-a", str(port)]
     assert not alive(pid)
     assert not connectable(port)
-    assert not (env.state / "run" / f"{port}.json").exists()
+    assert not record_path(env, port).exists()
     assert env.registry()["models"]["mlx-a"]["port"] is None
     # again: a free port is a no-op
     before = env.registry_path.read_bytes()
@@ -1008,7 +964,6 @@ def test_unload(env: Env, cli: Cli) -> None:
     assert env.registry_path.read_bytes() == before
 
 
-@needs_standin
 def test_unload_all_stops_in_parallel(env: Env, cli: Cli) -> None:
     env.set(MLX_STOP_TIMEOUT="2")
     pids = []
@@ -1016,7 +971,7 @@ def test_unload_all_stops_in_parallel(env: Env, cli: Cli) -> None:
         env.add_model(f"mlx-stubborn{i}", knobs={"ignore_sigterm": True})
         code, out, err = cli("load", f"mlx-stubborn{i}", str(env.team[i]), "--no-sync")
         assert code == 0, err
-        pids.append(record(env, env.team[i])["pid"])
+        pids.append(read_record(env, env.team[i])["pid"])
     env.add_model("mlx-dead", port=env.team[5])
     started = time.monotonic()
     code, out, err = cli("unload-all", "--no-sync", "--json")
@@ -1041,7 +996,6 @@ def test_unload_all_stops_in_parallel(env: Env, cli: Cli) -> None:
         assert set(r) >= {"model_id", "port", "ok", "error"}
 
 
-@needs_standin
 def test_unload_all_keeps_a_foreign_listener(env: Env, cli: Cli, foreign: Any) -> None:
     path = env.add_model("mlx-f", port=env.team[0])
     child = foreign(path, env.team[0])
@@ -1055,19 +1009,18 @@ def test_unload_all_keeps_a_foreign_listener(env: Env, cli: Cli, foreign: Any) -
     assert models["mlx-dead"]["port"] is None
 
 
-@needs_standin
 def test_reconcile(env: Env, cli: Cli) -> None:
     t = env.team
     env.add_model("mlx-serving")
     assert cli("load", "mlx-serving", str(t[0]), "--no-sync")[0] == 0
     env.add_model("mlx-orphan")
     assert cli("load", "mlx-orphan", str(t[1]), "--no-sync")[0] == 0
-    orphan_pid = record(env, t[1])["pid"]
+    orphan_pid = read_record(env, t[1])["pid"]
     data = env.registry()
     data["models"]["mlx-orphan"]["port"] = None
     env.registry_path.write_text(json.dumps(data))
     env.add_model("mlx-dead", port=t[2])
-    serving_pid = record(env, t[0])["pid"]
+    serving_pid = read_record(env, t[0])["pid"]
     code, out, err = cli("reconcile", "--no-sync")
     assert code == 0, err
     assert not alive(orphan_pid)
@@ -1086,14 +1039,13 @@ def test_reconcile(env: Env, cli: Cli) -> None:
     assert env.registry_path.read_bytes() == before
 
 
-@needs_standin
 def test_up_restarts_dead_assignments(env: Env, cli: Cli) -> None:
     env.add_model("mlx-a")
     port = env.team[0]
     assert cli("load", "mlx-a", str(port), "--no-sync")[0] == 0
-    old = record(env, port)
+    old = read_record(env, port)
     os.killpg(old["pgid"], signal.SIGKILL)
-    assert wait_until(lambda: not alive(old["pid"]) and not connectable(port))
+    wait_until(lambda: not alive(old["pid"]) and not connectable(port))
     env.add_model("mlx-b", port=env.team[1])
     code, out, _ = cli("status", "--check")
     assert code == 3
@@ -1104,7 +1056,7 @@ def test_up_restarts_dead_assignments(env: Env, cli: Cli) -> None:
         ("mlx-a", port, True),
         ("mlx-b", env.team[1], True),
     ]
-    new = record(env, port)
+    new = read_record(env, port)
     assert new["pid"] != old["pid"]
     assert alive(new["pid"])
     assert cli("status", "--check")[0] == 0
@@ -1115,7 +1067,6 @@ def test_up_restarts_dead_assignments(env: Env, cli: Cli) -> None:
     assert env.registry_path.read_bytes() == before
 
 
-@needs_standin
 def test_up_reports_failures_and_tries_all(env: Env, cli: Cli) -> None:
     env.add_model("mlx-broken", port=env.team[0], knobs={"exit_before_bind": 0})
     env.add_model("mlx-good", port=env.team[1])
@@ -1129,7 +1080,6 @@ def test_up_reports_failures_and_tries_all(env: Env, cli: Cli) -> None:
     assert connectable(env.team[1])
 
 
-@needs_standin
 def test_broken_model_rolls_back(env: Env, cli: Cli) -> None:
     env.add_model("mlx-good", port=None)
     env.add_model("mlx-broken", knobs={"exit_before_bind": 0})
@@ -1163,7 +1113,6 @@ def test_broken_model_rolls_back(env: Env, cli: Cli) -> None:
     assert run_records(env) == []
 
 
-@needs_standin
 def test_broken_model_json_result(env: Env, cli: Cli) -> None:
     env.add_model("mlx-broken", knobs={"exit_before_bind": 0})
     code, out, _err = cli("load", "mlx-broken", "auto", "--no-sync", "--json")
@@ -1176,7 +1125,6 @@ def test_broken_model_json_result(env: Env, cli: Cli) -> None:
     assert set(data) >= RESULT_KEYS
 
 
-@needs_standin
 def test_busy_port_is_refused_before_any_spawn(env: Env, cli: Cli, listening_socket: Any) -> None:
     env.add_model("mlx-a")
     port = env.team[0]
@@ -1191,7 +1139,6 @@ def test_busy_port_is_refused_before_any_spawn(env: Env, cli: Cli, listening_soc
     assert not (env.state / "logs" / f"{port}.log").exists()
 
 
-@needs_standin
 def test_busy_port_held_by_a_foreign_model_server(env: Env, cli: Cli, foreign: Any) -> None:
     env.add_model("mlx-a")
     port = env.team[0]
@@ -1204,13 +1151,12 @@ def test_busy_port_held_by_a_foreign_model_server(env: Env, cli: Cli, foreign: A
     assert run_records(env) == []
 
 
-@needs_standin
 def test_load_onto_a_port_serving_another_model_needs_replace(env: Env, cli: Cli) -> None:
     env.add_model("mlx-a")
     env.add_model("mlx-b")
     port = env.team[0]
     assert cli("load", "mlx-a", str(port), "--no-sync")[0] == 0
-    old_pid = record(env, port)["pid"]
+    old_pid = read_record(env, port)["pid"]
     before = env.registry_path.read_bytes()
     code, _, err = cli("load", "mlx-b", str(port), "--no-sync")
     assert code == 1
@@ -1226,13 +1172,12 @@ def test_load_onto_a_port_serving_another_model_needs_replace(env: Env, cli: Cli
     assert models["mlx-a"]["port"] is None
     assert "withheld" not in models["mlx-a"]
     assert models["mlx-b"]["port"] == port
-    assert record(env, port)["model_id"] == "mlx-b"
+    assert read_record(env, port)["model_id"] == "mlx-b"
     code, out, _ = cli("status", "--json")
-    row = next(r for r in json.loads(out)["ports"] if r["port"] == port)
+    row = status_row(out, port)
     assert (row["state"], row["model_id"]) == ("serving", "mlx-b")
 
 
-@needs_standin
 def test_load_takes_over_a_port_whose_model_is_dead(env: Env, cli: Cli) -> None:
     env.add_model("mlx-old", port=env.team[0])
     env.add_model("mlx-new")
@@ -1243,7 +1188,6 @@ def test_load_takes_over_a_port_whose_model_is_dead(env: Env, cli: Cli) -> None:
     assert models["mlx-new"]["port"] == env.team[0]
 
 
-@needs_standin
 def test_rename_refused_while_serving(env: Env, cli: Cli) -> None:
     env.add_model("mlx-a")
     assert cli("load", "mlx-a", str(env.team[0]), "--no-sync")[0] == 0
@@ -1262,32 +1206,13 @@ def sleeper() -> Iterator[subprocess.Popen[bytes]]:
     child.wait(5)
 
 
-def write_record(env: Env, port: int, **fields: Any) -> None:
-    run_dir = env.state / "run"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data = {
-        "pid": 0,
-        "pgid": 0,
-        "start_time": "1",
-        "argv": ["x"],
-        "model_id": "mlx-a",
-        "cache_path": "/x",
-        "port": port,
-        "started_at": "2025-01-01T00:00:00Z",
-        "started_epoch": time.time() - 5,
-        "log": "/dev/null",
-    }
-    data.update(fields)
-    (run_dir / f"{port}.json").write_text(json.dumps(data))
-
-
 @pytest.mark.parametrize("variant", ["reused-pid", "dead-leader-foreign-group"])
 @pytest.mark.parametrize("verb", ["unload", "unload-all", "reconcile", "status"])
 def test_a_reused_pid_is_never_signalled(
     env: Env, cli: Cli, sleeper: subprocess.Popen[bytes], verb: str, variant: str
 ) -> None:
     port = env.team[0]
-    env.write_registry({"mlx-a": entry(env, "mlx-a", port)})
+    env.write_registry({"mlx-a": plain_entry(env, "mlx-a", port)})
     real = mlxctl.read_proc(sleeper.pid)
     assert real is not None
     if variant == "reused-pid":
@@ -1308,16 +1233,15 @@ def test_a_reused_pid_is_never_signalled(
         assert sleeper.poll() is None, "an unrelated process was signalled"
         assert "Traceback" not in err
         if verb == "status":
-            row = next(r for r in json.loads(out)["ports"] if r["port"] == port)
+            row = status_row(out, port)
             assert (row["state"], row["ours"], row["pid"]) == ("dead", False, None)
         else:
             assert code == 0, err
             assert env.registry()["models"]["mlx-a"]["port"] is None
     finally:
-        (env.state / "run" / f"{port}.json").unlink(missing_ok=True)
+        record_path(env, port).unlink(missing_ok=True)
 
 
-@needs_standin
 @pytest.mark.parametrize("assigned", [True, False])
 def test_unload_of_a_foreign_listener_unloads_nothing(
     env: Env, cli: Cli, foreign: Any, assigned: bool
@@ -1335,7 +1259,6 @@ def test_unload_of_a_foreign_listener_unloads_nothing(
     assert env.registry_path.read_bytes() == before
 
 
-@needs_standin
 def test_unload_of_a_plain_listener_unloads_nothing(
     env: Env, cli: Cli, listening_socket: Any
 ) -> None:
@@ -1350,18 +1273,6 @@ def test_unload_of_a_plain_listener_unloads_nothing(
     assert env.registry_path.read_bytes() == before
 
 
-def spawn_load(env: Env, model_id: str, port: str = "auto") -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, str(MLXCTL), "load", model_id, port, "--no-sync"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=env.environ(),
-        start_new_session=True,
-    )
-
-
 def reservation_of(env: Env, model_id: str) -> dict[str, Any] | None:
     try:
         mark = env.registry()["models"][model_id].get("reservation")
@@ -1370,16 +1281,15 @@ def reservation_of(env: Env, model_id: str) -> dict[str, Any] | None:
     return mark if isinstance(mark, dict) else None
 
 
-@needs_standin
 def test_status_starting_and_a_second_load_waits(env: Env, cli: Cli) -> None:
     env.add_model("mlx-slow", knobs={"start_delay": 1.5})
-    loader = spawn_load(env, "mlx-slow")
+    loader = spawn_mlxctl(env.environ(), "load", "mlx-slow", "auto", "--no-sync", new_session=True)
     try:
-        assert wait_until(lambda: reservation_of(env, "mlx-slow") is not None)
+        wait_until(lambda: reservation_of(env, "mlx-slow") is not None)
         port = env.registry()["models"]["mlx-slow"]["port"]
         code, out, err = cli("status", "--json", "--check")
         assert code == 0, out + err  # starting is not drift
-        row = next(r for r in json.loads(out)["ports"] if r["port"] == port)
+        row = status_row(out, port)
         assert (row["state"], row["model_id"]) == ("starting", "mlx-slow")
         # the same load again waits for the running one instead of starting a second server
         code, out, err = cli("load", "mlx-slow", "auto", "--no-sync")
@@ -1397,20 +1307,21 @@ def test_status_starting_and_a_second_load_waits(env: Env, cli: Cli) -> None:
         loader.communicate()
 
 
-@needs_standin
 def test_a_dead_loaders_reservation_is_rolled_back(env: Env, cli: Cli) -> None:
     env.add_model("mlx-slow", knobs={"start_delay": 30})
-    loader = spawn_load(env, "mlx-slow", str(env.team[2]))
+    loader = spawn_mlxctl(
+        env.environ(), "load", "mlx-slow", str(env.team[2]), "--no-sync", new_session=True
+    )
     try:
-        assert wait_until((env.state / "run" / f"{env.team[2]}.json").exists)
-        server_pid = record(env, env.team[2])["pid"]
+        wait_until(record_path(env, env.team[2]).exists)
+        server_pid = read_record(env, env.team[2])["pid"]
         assert reservation_of(env, "mlx-slow") is not None
         loader.kill()  # SIGKILL: no rollback, the reservation's owner is gone
         loader.communicate()
         assert alive(server_pid)
         # our young server still loading is "starting" even though its loader is gone
         code, out, _ = cli("status", "--json")
-        row = next(r for r in json.loads(out)["ports"] if r["port"] == env.team[2])
+        row = status_row(out, env.team[2])
         assert row["state"] == "starting"
         assert row["ours"] is True
         code, out, err = cli("reconcile", "--no-sync")
@@ -1419,7 +1330,7 @@ def test_a_dead_loaders_reservation_is_rolled_back(env: Env, cli: Cli) -> None:
         model = env.registry()["models"]["mlx-slow"]
         assert model["port"] is None  # previous_port of a new assignment
         assert "reservation" not in model
-        assert wait_until(lambda: not alive(server_pid))
+        wait_until(lambda: not alive(server_pid))
         assert run_records(env) == []
     finally:
         if loader.poll() is None:

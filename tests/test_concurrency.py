@@ -3,27 +3,10 @@ keep every update and never hand one port to two loads."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 
-import pytest
-from conftest import MLXCTL, STANDIN, Env
-
-needs_standin = pytest.mark.skipif(
-    not STANDIN.exists(), reason="tests/fixtures/standin_server.py is not there yet"
-)
-
-
-def spawn(env: Env, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, str(MLXCTL), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=env.environ(),
-    )
+from conftest import Env
+from helpers import plain_entry, read_record, record_path, run_records, seed_registry, spawn_mlxctl
 
 
 def finish(
@@ -36,12 +19,11 @@ def finish(
     return results
 
 
-@needs_standin
 def test_parallel_auto_loads_get_different_ports(env: Env) -> None:
     names = [f"mlx-m{i}" for i in range(4)]
     for name in names:
         env.add_model(name)
-    results = finish([spawn(env, "load", m, "auto", "--no-sync") for m in names])
+    results = finish([spawn_mlxctl(env.environ(), "load", m, "auto", "--no-sync") for m in names])
     for code, _, err in results:
         assert code == 0, err
         assert "Traceback" not in err
@@ -53,14 +35,14 @@ def test_parallel_auto_loads_get_different_ports(env: Env) -> None:
     assert {m: models[m]["port"] for m in ports} == ports
     assert not any("reservation" in models[m] for m in ports)
     for model_id, port in ports.items():
-        record = json.loads((env.state / "run" / f"{port}.json").read_text())
-        assert record["model_id"] == model_id
+        assert read_record(env, port)["model_id"] == model_id
 
 
-@needs_standin
 def test_parallel_loads_of_one_model_start_it_once(env: Env) -> None:
     env.add_model("mlx-a")
-    results = finish([spawn(env, "load", "mlx-a", "auto", "--no-sync") for _ in range(3)])
+    results = finish(
+        [spawn_mlxctl(env.environ(), "load", "mlx-a", "auto", "--no-sync") for _ in range(3)]
+    )
     ok = [out.split() for code, out, _ in results if code == 0]
     assert ok, [err for _, _, err in results]
     assert all("Traceback" not in err for _, _, err in results)
@@ -69,29 +51,20 @@ def test_parallel_loads_of_one_model_start_it_once(env: Env) -> None:
     assert env.registry()["models"]["mlx-a"]["port"] == port
     log = (env.state / "logs" / f"{port}.log").read_text()
     assert log.count("=== mlxctl start") == 1
-    assert sorted(p.name for p in (env.state / "run").glob("*.json")) == [f"{port}.json"]
+    assert run_records(env) == [record_path(env, port)]
 
 
 def test_parallel_sets_lose_no_update(env: Env) -> None:
-    path = env.tmp / "plain" / "mlx-a"
-    path.mkdir(parents=True)
-    env.write_registry(
-        {
-            "mlx-a": {
-                "repo_id": "test-org/mlx-a",
-                "model_id": "mlx-a",
-                "cache_path": str(path),
-                "format": "mlx",
-                "port": None,
-                "request_params": {"base": 0},
-            }
-        },
+    seed_registry(
+        env,
+        plain_entry(env, "mlx-a", None, request_params={"base": 0}),
         generation=100,
         untouched_top={"x": 1},
     )
     count = 20
     children = [
-        spawn(env, "set", "mlx-a", f"request_params.k{i}={i}", "--no-sync") for i in range(count)
+        spawn_mlxctl(env.environ(), "set", "mlx-a", f"request_params.k{i}={i}", "--no-sync")
+        for i in range(count)
     ]
     for code, _, err in finish(children):
         assert code == 0, err

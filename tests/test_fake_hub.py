@@ -20,6 +20,8 @@ import pytest
 from conftest import need
 from fixtures.fake_hub import FakeHub, git_blob_id
 
+pytestmark = pytest.mark.fixture_selftest
+
 CHUNK = 10 * 1024 * 1024  # huggingface_hub writes downloads in 10 MiB chunks
 
 # Runs before each snippet: `attempt(fn)` reports a value or the exception's class, module, MRO.

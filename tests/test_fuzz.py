@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import subprocess
 import sys
@@ -14,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from conftest import MLXCTL, Cli, Env
+from helpers import SOAK, record_path
 
-SOAK = os.environ.get("MLXCTL_SOAK") == "1"
 ROUNDS = 400 if SOAK else 60
 
 
@@ -143,7 +142,7 @@ TARGETS: dict[str, tuple[Callable[[Env], Path], list[list[str]]]] = {
     "env": (lambda e: e.env_file, [["sync-gateway"], ["config"]]),
     "handles": (lambda e: e.handles, [["sync-gateway"]]),
     "runtime": (
-        lambda e: e.state / "run" / f"{e.team[0]}.json",
+        lambda e: record_path(e, e.team[0]),
         [["status"], ["unload", "0"], ["reconcile", "--dry-run"]],
     ),
 }

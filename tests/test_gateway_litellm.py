@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import LITELLM_VENV, Env, need
+from conftest import LITELLM_VENV, Env, need, registry_entry
 from fixtures.litellm_proxy import litellm
+from helpers import outside_block, seed_registry
 
 pytestmark = pytest.mark.real
 
@@ -35,27 +36,10 @@ litellm_settings:
 """
 
 
-def outside_block(text: str) -> str:
-    head, _, rest = text.partition("# BEGIN MLXCTL AUTO")
-    _, _, tail = rest.partition("# END MLXCTL AUTO\n")
-    return head.rstrip(" ") + tail
-
-
 def test_litellm_routes_handles_and_aliases(real_server: Env, tiny_mlx_model: Path) -> None:
     need((LITELLM_VENV / "bin" / "litellm").exists(), f"LiteLLM in {LITELLM_VENV}")
     env = real_server
-    env.write_registry(
-        {
-            "mlx-tiny": {
-                "repo_id": "t/tiny",
-                "model_id": "mlx-tiny",
-                "cache_path": str(tiny_mlx_model),
-                "source_path": str(tiny_mlx_model),
-                "format": "mlx",
-                "port": None,
-            }
-        }
-    )
+    seed_registry(env, registry_entry("mlx-tiny", tiny_mlx_model, None, repo_id="t/tiny"))
     env.router.parent.mkdir(parents=True)
     env.router.write_text(HAND_WRITTEN)
     env.env_file.write_text("LITELLM_LOG=ERROR\n")

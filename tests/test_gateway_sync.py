@@ -16,10 +16,24 @@ from typing import Any
 
 import pytest
 from conftest import Cli, Env, registry_entry
+from helpers import (
+    MARK_BEGIN,
+    MARK_END,
+    bak,
+    model_dir,
+    one_json,
+    outside_block,
+    plain_entry,
+    read_jsonl,
+    record_path,
+    seed_registry,
+    status_row,
+    write_script,
+)
 
 import mlxctl
 
-BEGIN, END = "# BEGIN MLXCTL AUTO", "# END MLXCTL AUTO"
+BEGIN, END = MARK_BEGIN, MARK_END
 STATE_RE = re.compile(r"# mlxctl generation=(\d+) route_via_optillm=(on|off|-)")
 
 HAND_ROUTER = """\
@@ -36,25 +50,18 @@ router_settings:
 """
 HAND_ENV = "# secrets\nPROVIDER_API_KEY=sk-hand-written-secret\n"
 HAND_HANDLES = '{"handle":"cloud-x","kind":"model","invoke":"openai-chat"}\n'
+CONFIG = {"max_position_embeddings": 4096}  # every model here: context_length 4096 by default
 
 
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def model_dir(env: Env, name: str) -> Path:
-    path = env.tmp / "models" / name
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text('{"max_position_embeddings": 4096}')
-    return path
-
-
 def seed(env: Env, *models: tuple[str, int | None], generation: int = 1, **fields: Any) -> None:
     """Registry with (model_id, port) entries whose weights exist (so they are exported)."""
-    entries = {
-        model_id: registry_entry(model_id, model_dir(env, model_id), port, **fields)
-        for model_id, port in models
-    }
-    env.write_registry(entries, generation=generation)
+    entries = [
+        plain_entry(env, model_id, port, config=CONFIG, **fields) for model_id, port in models
+    ]
+    seed_registry(env, *entries, generation=generation)
 
 
 def set_generation(env: Env, generation: int) -> None:
@@ -78,10 +85,7 @@ def sync(cli: Cli, *flags: str) -> dict[str, Any]:
     """`--json sync-gateway`; its one result object (exit 0 required)."""
     code, out, err = cli("--json", "sync-gateway", *flags)
     assert code == 0, err
-    lines = [line for line in out.splitlines() if line.strip()]
-    assert len(lines) == 1, out
-    result: dict[str, Any] = json.loads(lines[0])
-    return result
+    return one_json(out)
 
 
 LOCK = ".mlxctl-sync.lock"  # a real sync takes it first, also when it then refuses
@@ -106,22 +110,6 @@ def age(*paths: Path) -> None:
     """Move mtimes into the past, so a rewrite within the same clock tick still shows."""
     for path in paths:
         os.utime(path, ns=(1_000_000_000, 1_000_000_000))
-
-
-def bak(path: Path) -> Path:
-    return path.with_name(path.name + ".bak")
-
-
-def block_of(text: str) -> list[str]:
-    lines = text.splitlines()
-    return lines[lines.index(BEGIN) : lines.index(END) + 1]
-
-
-def outside_block(text: str) -> str:
-    lines = text.splitlines(keepends=True)
-    begin = next(i for i, line in enumerate(lines) if line.strip() == BEGIN)
-    end = next(i for i, line in enumerate(lines) if line.strip() == END)
-    return "".join(lines[:begin] + lines[end + 1 :])
 
 
 def env_state(env: Env) -> tuple[int, str]:
@@ -390,25 +378,34 @@ def test_only_exportable_models_reach_the_gateway(env: Env, cli: Cli) -> None:
     t = env.team
     live_mark = mlxctl.self_mark()  # this test process: alive, so the mark holds
     entries = {
-        "mlx-ok": registry_entry("mlx-ok", model_dir(env, "mlx-ok"), t[0]),
+        "mlx-ok": registry_entry(
+            "mlx-ok", model_dir(env.tmp / "plain", "mlx-ok", config=CONFIG), t[0]
+        ),
         "mlx-gone": registry_entry("mlx-gone", env.tmp / "not-on-disk", t[1]),
         "mlx-reserved": registry_entry(
             "mlx-reserved",
-            model_dir(env, "mlx-reserved"),
+            model_dir(env.tmp / "plain", "mlx-reserved", config=CONFIG),
             t[2],
             reservation={**live_mark, "since": "t", "previous_port": None},
         ),
         "mlx-withheld": registry_entry(
-            "mlx-withheld", model_dir(env, "mlx-withheld"), t[3], withheld=live_mark
+            "mlx-withheld",
+            model_dir(env.tmp / "plain", "mlx-withheld", config=CONFIG),
+            t[3],
+            withheld=live_mark,
         ),
         "mlx-stale-mark": registry_entry(
             "mlx-stale-mark",
-            model_dir(env, "mlx-stale-mark"),
+            model_dir(env.tmp / "plain", "mlx-stale-mark", config=CONFIG),
             t[4],
             withheld={"pid": os.getpid(), "start_time": "not this process"},
         ),
-        "Mlx_Bad.Id": registry_entry("Mlx_Bad.Id", model_dir(env, "bad"), t[5]),
-        "mlx-idle": registry_entry("mlx-idle", model_dir(env, "mlx-idle"), None),
+        "Mlx_Bad.Id": registry_entry(
+            "Mlx_Bad.Id", model_dir(env.tmp / "plain", "bad", config=CONFIG), t[5]
+        ),
+        "mlx-idle": registry_entry(
+            "mlx-idle", model_dir(env.tmp / "plain", "mlx-idle", config=CONFIG), None
+        ),
     }
     env.write_registry(entries, generation=4)
     code, out, err = cli("export")
@@ -436,7 +433,7 @@ def test_only_exportable_models_reach_the_gateway(env: Env, cli: Cli) -> None:
         "mlx-stale-mark.context_length",
         "mlx-stale-mark.max_output_tokens",
     ]
-    handles = [json.loads(line)["handle"] for line in env.handles.read_text().splitlines()]
+    handles = [row["handle"] for row in read_jsonl(env.handles)]
     assert handles == ["mlx-ok", "mlx-stale-mark"]
     router = env.router.read_text()
     for hidden in ("mlx-gone", "mlx-reserved", "mlx-withheld", "Mlx_Bad", "MLX_BAD", "mlx-idle"):
@@ -716,11 +713,10 @@ def test_without_pyyaml(env: Env) -> None:
         assert "mlxctl: error: install PyYAML (python3-yaml)" in result.stderr
         assert "Traceback" not in result.stderr
     assert env.registry_path.read_bytes() == registry  # nothing changed...
-    assert not (env.state / "run" / f"{other}.json").exists()  # ...nothing started...
+    assert not record_path(env, other).exists()  # ...nothing started...
     assert not (env.state / "logs" / f"{other}.log").exists()
     assert list(env.gateway.rglob("*")) == []  # ...nothing written
-    status = json.loads(run("status", "--json").stdout)
-    row = next(r for r in status["ports"] if r["port"] == port)
+    row = status_row(run("status", "--json").stdout, port)
     assert row["state"] == "serving"  # ...nothing stopped
     assert run("unload", str(port), "--no-sync").returncode == 0
 
@@ -778,9 +774,7 @@ def test_a_studio_export_that_is_not_an_object_is_one_error_line(
     """Issue 8: an `assert` turned a JSON list from the Studio into a traceback. A peer that
     answers valid JSON of the wrong shape is a fault the real Studio cannot be made to produce,
     so an ssh stand-in prints it."""
-    ssh = env.tmp / "studio-answers"
-    ssh.write_text(f"#!/bin/sh\nprintf '%s\\n' '{reply}'\n")
-    ssh.chmod(0o755)
+    ssh = write_script(env.tmp / "studio-answers", f"printf '%s\\n' '{reply}'")
     env.set(MLXCTL_ROLE="gateway", GATEWAY_HOST="mini", MLXCTL_SSH=str(ssh))
     code, _, err = cli("sync-gateway")
     assert code == 1

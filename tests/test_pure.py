@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from typing import Any
 
 import pytest
@@ -57,7 +58,8 @@ def test_model_id_from_repo(repo_id: str, expected: str) -> None:
     ["", "org/", "org/---", "org/___", "org/...", "org/ÄÖÜ", "/", "org/" + "a" * 102],
 )
 def test_model_id_from_repo_refuses(repo_id: str) -> None:
-    with pytest.raises(MlxctlError):
+    # nothing left to derive from, or a derived id too long for the id rules
+    with pytest.raises(MlxctlError, match=r"^(cannot derive a|derived) model id "):
         mlxctl.model_id_from_repo(repo_id)
 
 
@@ -117,7 +119,7 @@ def test_check_model_id_accepts(model_id: str) -> None:
     ],
 )
 def test_check_model_id_refuses(model_id: str) -> None:
-    with pytest.raises(MlxctlError):
+    with pytest.raises(MlxctlError, match=re.escape(f"invalid model id {model_id!r}: must match")):
         mlxctl.check_model_id(model_id)
 
 
@@ -176,7 +178,7 @@ def test_check_repo_id_accepts(repo_id: str) -> None:
     ],
 )
 def test_check_repo_id_refuses(repo_id: str) -> None:
-    with pytest.raises(MlxctlError):
+    with pytest.raises(MlxctlError, match=re.escape(f"invalid repo id {repo_id!r}: expected")):
         mlxctl.check_repo_id(repo_id)
 
 
@@ -715,7 +717,7 @@ def test_parse_config_text(text: str, expected: dict[str, str]) -> None:
     ],
 )
 def test_parse_config_text_refuses_with_line_number(text: str, line: int) -> None:
-    with pytest.raises(MlxctlError) as caught:
+    with pytest.raises(MlxctlError, match=rf"^/c\.env:{line}: expected KEY=VALUE") as caught:
         mlxctl.parse_config_text(text, "/c.env")
     assert caught.value.message.startswith(f"/c.env:{line}:")
 
@@ -1047,71 +1049,77 @@ def test_apply_set_empty_value_removes(key: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "key",
+    ("key", "why"),
     [
-        "port",
-        "model_id",
-        "repo_id",
-        "cache_path",
-        "source_path",
-        "format",
-        "og_path",
-        "og_offloaded_to",
-        "reservation",
-        "withheld",
-        "unknown",
-        "request_params",
-        "",
-        "request_params.model",
-        "request_params.api_base",
-        "request_params.api_key",
-        "request_params.max_tokens",
-        "request_params.",
-        "request_params.a-b",
-        "request_params.a.b",
-        "request_params.a;b",
-        "request_params.$(id)",
-        "request_params.a b",
-        "request_params.1a",
-        "request_params." + "a" * 65,
+        *(
+            (key, f"^{key} cannot be set")
+            for key in (
+                "port",
+                "model_id",
+                "repo_id",
+                "cache_path",
+                "source_path",
+                "format",
+                "og_path",
+                "og_offloaded_to",
+                "reservation",
+                "withheld",
+                "unknown",
+                "request_params",
+                "",
+            )
+        ),
+        *(
+            (f"request_params.{name}", "would collide in litellm_params")
+            for name in ("model", "api_base", "api_key", "max_tokens")
+        ),
+        *(
+            (f"request_params.{name}", "invalid request_params key")
+            for name in ("", "a-b", "a.b", "a;b", "$(id)", "a b", "1a", "a" * 65)
+        ),
     ],
 )
-def test_apply_set_refuses_key(key: str) -> None:
+def test_apply_set_refuses_key(key: str, why: str) -> None:
     target = entry()
     before = dict(target)
-    with pytest.raises(MlxctlError):
+    with pytest.raises(MlxctlError, match=why):
         mlxctl.apply_set(target, key, "8101")
     assert target == before
 
 
+POSITIVE = "must be a positive integer"
+ONE_LINE = "must be a non-empty single line"
+ARGS = "must be a list of strings or a shell-style string"
+
+
 @pytest.mark.parametrize(
-    ("key", "raw"),
+    ("key", "raw", "why"),
     [
-        ("context_length", "abc"),
-        ("context_length", "0"),
-        ("context_length", "-1"),
-        ("context_length", "1.5"),
-        ("context_length", "true"),
-        ("context_length", '"4096"'),
-        ("max_output_tokens", "[]"),
-        ("max_output_tokens", "0"),
-        ("optillm", "maybe"),
-        ("optillm", "2"),
-        ("server_args", "[1, 2]"),
-        ("server_args", '{"a": 1}'),
-        ("server_args", "5"),
-        ("server_args", "'unclosed"),
-        ("server_args", '["a\\nb"]'),
-        ("chat_template", "a\nb"),
-        ("chat_template", "   "),
-        ("tool_call_parser", "x\0y"),
-        ("reasoning_parser", "\n"),
+        ("context_length", "abc", POSITIVE),
+        ("context_length", "0", POSITIVE),
+        ("context_length", "-1", POSITIVE),
+        ("context_length", "1.5", POSITIVE),
+        ("context_length", "true", POSITIVE),
+        ("context_length", '"4096"', POSITIVE),
+        ("max_output_tokens", "[]", POSITIVE),
+        ("max_output_tokens", "0", POSITIVE),
+        ("optillm", "maybe", "expected 1/true/on or 0/false/off"),
+        ("optillm", "2", "expected 1/true/on or 0/false/off"),
+        ("server_args", "[1, 2]", ARGS),
+        ("server_args", '{"a": 1}', ARGS),
+        ("server_args", "5", ARGS),
+        ("server_args", "'unclosed", "No closing quotation"),
+        ("server_args", '["a\\nb"]', "must not contain newlines"),
+        ("chat_template", "a\nb", ONE_LINE),
+        ("chat_template", "   ", ONE_LINE),
+        ("tool_call_parser", "x\0y", ONE_LINE),
+        ("reasoning_parser", "\n", ONE_LINE),
     ],
 )
-def test_apply_set_refuses_value(key: str, raw: str) -> None:
+def test_apply_set_refuses_value(key: str, raw: str, why: str) -> None:
     target = entry(context_length=10)
     before = dict(target)
-    with pytest.raises(MlxctlError):
+    with pytest.raises(MlxctlError, match=f"^{key}.*{re.escape(why)}"):
         mlxctl.apply_set(target, key, raw)
     assert target == before
 

@@ -160,21 +160,24 @@ def test_rendering_is_idempotent(
 
 
 @pytest.mark.parametrize(
-    "text",
+    ("text", "why"),
     [
-        "model_list: []\n",
-        "model_list: [{model_name: a}]\n",
-        "model_list:\n  foo: bar\n",
-        "model_list:\n  # BEGIN MLXCTL AUTO\n- model_name: x\n",
-        "model_list:\n  - model_name: a\n    litellm_params: {model: x\n",
-        "model_list:\n# END MLXCTL AUTO\n# BEGIN MLXCTL AUTO\n",
-        "model_list:\n# BEGIN MLXCTL AUTO\n# BEGIN MLXCTL AUTO\n# END MLXCTL AUTO\n",
-        "- just a list\n",
+        ("model_list: []\n", "flow-style model_list"),
+        ("model_list: [{model_name: a}]\n", "flow-style model_list"),
+        ("model_list:\n  foo: bar\n", "model_list is not a block list"),
+        ("model_list:\n  # BEGIN MLXCTL AUTO\n- model_name: x\n", "unbalanced"),
+        ("model_list:\n  - model_name: a\n    litellm_params: {model: x\n", "does not parse"),
+        ("model_list:\n# END MLXCTL AUTO\n# BEGIN MLXCTL AUTO\n", "unbalanced"),
+        (
+            "model_list:\n# BEGIN MLXCTL AUTO\n# BEGIN MLXCTL AUTO\n# END MLXCTL AUTO\n",
+            "unbalanced",
+        ),
+        ("- just a list\n", "top level is not a mapping"),
     ],
 )
-def test_unsupported_router_yaml_is_refused(text: str) -> None:
+def test_unsupported_router_yaml_is_refused(text: str, why: str) -> None:
     export = m.ExportSet(1, "127.0.0.1", ("mlx-a",), (m.ExportModel("mlx-a", 8100, 10, 10, {}),))
-    with pytest.raises(m.MlxctlError):
+    with pytest.raises(m.MlxctlError, match=f"^router.yaml: .*{why}.*; nothing was written$"):
         render(text, None, None, export, True)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import MLXCTL, Env, need
 from fixtures.sshd import Sshd, available, read_calls, write_remote_wrapper, write_ssh_counter
+from helpers import read_jsonl
 
 pytestmark = pytest.mark.real
 
@@ -108,7 +108,7 @@ def test_forwarded_load_reaches_the_studio_and_syncs_in_one_round_trip(hosts: Tw
     for call in calls:
         assert call[:4] == ["-o", "BatchMode=yes", "-o", "ConnectTimeout=3"]
         assert "-t" not in call
-    rows = [json.loads(line) for line in hosts.handles.read_text().splitlines()]
+    rows = read_jsonl(hosts.handles)
     assert [(r["handle"], r["endpoint_ref"]) for r in rows] == [
         ("mlx-a", f"ep_mlx_slot_{env.exp[0]}")
     ]

@@ -24,7 +24,7 @@ from fixtures.sshd import (
     write_ssh_counter,
 )
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.fixture_selftest]
 
 TRICKY = [
     "plain",
@@ -96,7 +96,7 @@ def test_only_argv_travels(sshd: Sshd, tmp_path: Path) -> None:
     )
     settings = {"MLXCTL_CONFIG": "/far side/config.env", "HF_HOME": "/tmp/it's $(here)"}
     wrapper = write_remote_wrapper(tmp_path / "remote mlxctl", sys.executable, program, settings)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not an environment variable name: 'A B'"):
         write_remote_wrapper(tmp_path / "bad", sys.executable, program, {"A B": "x"})
     words = ["--local", "load", "org/model name", "", "$(id)"]
     argv = [*sshd.ssh_argv("studio"), *(shlex.quote(w) for w in [str(wrapper), *words])]

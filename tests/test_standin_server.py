@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import STANDIN
 from fixtures.ports import port_block
 from fixtures.standin_server import write_standin_model
+from helpers import cmdline, connectable, http_json, process_group, standin_argv, wait_until
 
-STANDIN = Path(__file__).parent / "fixtures" / "standin_server.py"
-OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+pytestmark = pytest.mark.fixture_selftest
 
 
 class Standin:
@@ -48,9 +49,13 @@ class Standin:
         self.log_file = tmp / f"logs-{self.port}" / "app.log"
         self.stdout = tmp / f"{self.port}.out"
         self.stderr = tmp / f"{self.port}.err"
-        argv = [sys.executable, str(STANDIN), *prefix, *(["launch"] if launch else [])]
-        argv += ["--model-path", str(model), "--model-type", "lm", "--host", "127.0.0.1"]
-        argv += ["--port", str(self.port), "--log-file", str(self.log_file), *extra]
+        argv = standin_argv(
+            model,
+            self.port,
+            *("--model-type", "lm", "--log-file", str(self.log_file), *extra),
+            launch=launch,
+            prefix=prefix,
+        )
         # appended, as mlxctl opens a server's log (O_APPEND)
         with open(self.stdout, "ab") as out, open(self.stderr, "ab") as err:
             self.process = subprocess.Popen(
@@ -65,15 +70,7 @@ class Standin:
 
     def group(self) -> list[int]:
         """Live members of the process group (zombies excluded), by /proc."""
-        members = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            with contextlib.suppress(OSError):
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[2]) == self.process.pid and fields[0] != "Z":
-                    members.append(int(entry.name))
-        return sorted(members)
+        return process_group(self.process.pid)
 
     def signal_group(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -108,32 +105,6 @@ def standin(tmp_path: Path) -> Iterator[Callable[..., Standin]]:
         server.kill()
 
 
-def connectable(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> float:
-    """Seconds until `predicate` held; fails the test at `timeout`."""
-    start = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - start < timeout, "condition not reached in time"
-        time.sleep(0.01)
-    return time.monotonic() - start
-
-
-def get(port: int, path: str, body: Any = None, timeout: float = 2.0) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}", data=data, headers={"Content-Type": "application/json"}
-    )
-    try:
-        with OPENER.open(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def test_defaults_argv_endpoints_and_sigterm(standin: Callable[..., Standin]) -> None:
     # options it does not act on are accepted (1.6.3 offers them all)
     unknown = ("--chat-template-file", "/t.jinja", "--tool-call-parser", "x", "--max-tokens", "5")
@@ -141,11 +112,11 @@ def test_defaults_argv_endpoints_and_sigterm(standin: Callable[..., Standin]) ->
     # it "loads the model" (start_delay, 0.3 s by default) before binding
     waited = wait_until(lambda: connectable(server.port))
     assert waited >= 0.25
-    assert get(server.port, "/health") == (
+    assert http_json(server.port, "/health") == (
         200,
         {"status": "ok", "model_id": str(server.model), "model_status": "initialized"},
     )
-    status, models = get(server.port, "/v1/models")
+    status, models = http_json(server.port, "/v1/models")
     assert status == 200 and models["object"] == "list"
     assert [(m["id"], m["object"]) for m in models["data"]] == [(str(server.model), "model")]
     messages = [
@@ -154,11 +125,13 @@ def test_defaults_argv_endpoints_and_sigterm(standin: Callable[..., Standin]) ->
         {"role": "assistant", "content": "ok"},
         {"role": "user", "content": [{"type": "text", "text": "last one"}]},
     ]
-    status, reply = get(server.port, "/v1/chat/completions", {"model": "x", "messages": messages})
+    status, reply = http_json(
+        server.port, "/v1/chat/completions", {"model": "x", "messages": messages}
+    )
     assert status == 200 and reply["object"] == "chat.completion"
     assert reply["choices"][0]["message"] == {"role": "assistant", "content": "echo: last one"}
     assert reply["choices"][0]["finish_reason"] == "stop" and reply["usage"]["total_tokens"] == 2
-    assert get(server.port, "/nope")[0] == 404
+    assert http_json(server.port, "/nope")[0] == 404
     assert str(server.model) in server.log_file.read_text()
     assert "Uvicorn running" in server.stdout.read_text()
     # SIGTERM: gone quickly, by the signal (as the real one: status -15), port free
@@ -176,7 +149,7 @@ def test_without_launch_word_and_without_knob_file(tmp_path: Path) -> None:
     server = Standin(tmp_path, model, launch=False)
     try:
         wait_until(lambda: connectable(server.port))
-        assert get(server.port, "/v1/models")[1]["data"][0]["id"] == str(model)
+        assert http_json(server.port, "/v1/models")[1]["data"][0]["id"] == str(model)
     finally:
         server.kill()
 
@@ -185,12 +158,12 @@ def test_served_id_and_health_delay(standin: Callable[..., Standin]) -> None:
     server = standin(start_delay=0, health_delay=0.6, served_id="org/served-name")
     wait_until(lambda: connectable(server.port))
     bound = time.monotonic()
-    assert get(server.port, "/health")[0] == 503
-    assert get(server.port, "/v1/models")[0] == 503
-    wait_until(lambda: get(server.port, "/health")[0] == 200)
+    assert http_json(server.port, "/health")[0] == 503
+    assert http_json(server.port, "/v1/models")[0] == 503
+    wait_until(lambda: http_json(server.port, "/health")[0] == 200)
     assert time.monotonic() - bound >= 0.4
-    assert get(server.port, "/v1/models")[1]["data"][0]["id"] == "org/served-name"
-    assert get(server.port, "/health")[1]["model_id"] == "org/served-name"
+    assert http_json(server.port, "/v1/models")[1]["data"][0]["id"] == "org/served-name"
+    assert http_json(server.port, "/health")[1]["model_id"] == "org/served-name"
 
 
 def test_exit_before_bind(standin: Callable[..., Standin]) -> None:
@@ -210,7 +183,7 @@ def test_ignore_sigterm_with_child_needs_a_group_sigkill(standin: Callable[..., 
     assert len(members) == 2 and server.process.pid in members
     server.signal_group(signal.SIGTERM)
     time.sleep(0.3)
-    assert server.group() == members and get(server.port, "/health")[0] == 200
+    assert server.group() == members and http_json(server.port, "/health")[0] == 200
     server.signal_group(signal.SIGKILL)
     assert server.process.wait(2) == -signal.SIGKILL
     wait_until(lambda: server.group() == [])
@@ -233,7 +206,7 @@ def test_child_survives_its_parent_but_dies_with_the_group(
 def test_crash_after(standin: Callable[..., Standin]) -> None:
     server = standin(start_delay=0, crash_after=0.5)
     wait_until(lambda: connectable(server.port))
-    assert get(server.port, "/health")[0] == 200
+    assert http_json(server.port, "/health")[0] == 200
     assert server.process.wait(3) == 1
     assert time.monotonic() - server.started >= 0.5
     assert not connectable(server.port)
@@ -244,36 +217,28 @@ def test_hang_accepts_but_never_answers(standin: Callable[..., Standin]) -> None
     wait_until(lambda: connectable(server.port))
     with socket.create_connection(("127.0.0.1", server.port), timeout=0.5) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        with pytest.raises(socket.timeout):
+        with pytest.raises(socket.timeout, match="timed out"):
             sock.recv(100)
-    with pytest.raises((socket.timeout, urllib.error.URLError)):
-        get(server.port, "/v1/models", timeout=0.5)
+    with pytest.raises((socket.timeout, urllib.error.URLError), match="timed out"):
+        http_json(server.port, "/v1/models", timeout=0.5)
     start = time.monotonic()
     server.signal_group(signal.SIGTERM)
     assert server.process.wait(2) == -signal.SIGTERM
     assert time.monotonic() - start < 0.2
 
 
-def bare_standin(model: Path, port: int) -> list[str]:
-    """The stand-in's argv without `launch`, `--model-type` or `--log-file`."""
-    return [
-        sys.executable,
-        str(STANDIN),
-        "--model-path",
-        str(model),
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-    ]
-
-
 def test_port_in_use_fails_but_time_wait_does_not(standin: Callable[..., Standin]) -> None:
     first = standin(start_delay=0)
     wait_until(lambda: connectable(first.port))
-    assert get(first.port, "/health")[0] == 200  # the server closes first: TIME_WAIT on its side
+    assert (
+        http_json(first.port, "/health")[0] == 200
+    )  # the server closes first: TIME_WAIT on its side
+    # the bare argv, as a user types it: no `launch`, `--model-type` or `--log-file`
     rival = subprocess.run(
-        bare_standin(first.model, first.port), capture_output=True, text=True, timeout=10
+        standin_argv(first.model, first.port, launch=False),
+        capture_output=True,
+        text=True,
+        timeout=10,
     )
     # uvicorn's words, exit 1
     assert rival.returncode == 1
@@ -282,11 +247,13 @@ def test_port_in_use_fails_but_time_wait_does_not(standin: Callable[..., Standin
     first.signal_group(signal.SIGTERM)
     first.process.wait(2)
     again = subprocess.Popen(
-        bare_standin(first.model, first.port), stdout=subprocess.DEVNULL, start_new_session=True
+        standin_argv(first.model, first.port, launch=False),
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         wait_until(lambda: connectable(first.port))
-        assert get(first.port, "/health")[0] == 200
+        assert http_json(first.port, "/health")[0] == 200
     finally:
         os.killpg(again.pid, signal.SIGKILL)
         again.wait(5)
@@ -305,7 +272,7 @@ def test_broken_connections_are_quiet(standin: Callable[..., Standin]) -> None:
         sock.shutdown(socket.SHUT_WR)
         sock.close()  # linger 0: a reset instead of a goodbye
     time.sleep(0.3)
-    assert get(server.port, "/health")[0] == 200
+    assert http_json(server.port, "/health")[0] == 200
     assert "Traceback" not in server.stderr.read_text()
 
 
@@ -351,12 +318,6 @@ def help_options(text: str) -> set[str]:
     return set(re.findall(r"^ +(--[a-z0-9][a-z0-9-]*)", text, flags=re.MULTILINE))
 
 
-def cmdline(pid: int) -> str:
-    with contextlib.suppress(OSError):
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-    return ""
-
-
 def rss_mib(pid: int) -> float:
     for line in (Path("/proc") / str(pid) / "status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -365,13 +326,13 @@ def rss_mib(pid: int) -> float:
 
 
 def stats(port: int) -> dict[str, Any]:
-    status, body = get(port, "/standin/stats")
+    status, body = http_json(port, "/standin/stats")
     assert status == 200
     return body
 
 
 def queue(port: int, timeout: float = 2.0) -> dict[str, Any]:
-    status, body = get(port, "/v1/queue/stats", timeout=timeout)
+    status, body = http_json(port, "/v1/queue/stats", timeout=timeout)
     assert status == 200 and body["status"] == "ok"
     return body["queue_stats"]
 
@@ -444,24 +405,24 @@ def test_options_not_offered_exit_2_before_anything(tmp_path: Path) -> None:
 def test_served_name_404_and_health_of_1_8(standin: Callable[..., Standin]) -> None:
     server = standin("--served-model-name", "mlx-tiny", prefix=NEW, start_delay=0)
     wait_until(lambda: connectable(server.port))
-    assert get(server.port, "/health") == (
+    assert http_json(server.port, "/health") == (
         200,
         {"status": "ok", "model_id": "mlx-tiny", "model_status": "initialized (1 model(s))"},
     )
-    assert [m["id"] for m in get(server.port, "/v1/models")[1]["data"]] == ["mlx-tiny"]
+    assert [m["id"] for m in http_json(server.port, "/v1/models")[1]["data"]] == ["mlx-tiny"]
     chat = {"messages": [{"role": "user", "content": "hi"}]}
-    status, reply = get(server.port, "/v1/chat/completions", {**chat, "model": "mlx-tiny"})
+    status, reply = http_json(server.port, "/v1/chat/completions", {**chat, "model": "mlx-tiny"})
     assert status == 200 and reply["choices"][0]["message"]["content"] == "echo: hi"
-    assert get(server.port, "/v1/chat/completions", chat)[0] == 200  # no model: the default
+    assert http_json(server.port, "/v1/chat/completions", chat)[0] == 200  # no model: the default
     for path, body in (
         ("/v1/chat/completions", {**chat, "model": str(server.model)}),
         ("/v1/completions", {"model": "other", "prompt": "p"}),
     ):
-        status, reply = get(server.port, path, body)
+        status, reply = http_json(server.port, path, body)
         assert status == 404
         assert reply["detail"]["error"]["type"] == "model_not_found"
         assert reply["detail"]["error"]["code"] == 404
-    status, reply = get(server.port, "/v1/completions", {"model": "mlx-tiny", "prompt": "p"})
+    status, reply = http_json(server.port, "/v1/completions", {"model": "mlx-tiny", "prompt": "p"})
     assert status == 200 and reply["object"] == "text_completion"
     assert reply["choices"][0]["text"] == "echo: p"
     assert stats(server.port)["rejected"] == 2 and stats(server.port)["completed"] == 3
@@ -470,7 +431,7 @@ def test_served_name_404_and_health_of_1_8(standin: Callable[..., Standin]) -> N
 def test_1_6_ignores_model_and_serves_completions(standin: Callable[..., Standin]) -> None:
     server = standin(start_delay=0)
     wait_until(lambda: connectable(server.port))
-    status, reply = get(server.port, "/v1/completions", {"model": "whatever", "prompt": "p"})
+    status, reply = http_json(server.port, "/v1/completions", {"model": "whatever", "prompt": "p"})
     assert status == 200 and reply["choices"][0]["text"] == "echo: p"
     body = stats(server.port)
     assert body["personality"] == "1.6" and body["version"] == "1.6.3"
@@ -491,15 +452,15 @@ def test_model_child_dies_and_is_respawned_on_demand(standin: Callable[..., Stan
         os.kill(child, signal.SIGKILL)
         wait_until(lambda dead=child: dead not in server.group())
         # what mlxctl may send a degraded lane still answers, and does not respawn
-        assert get(server.port, "/health")[0] == 200
-        assert get(server.port, "/v1/models")[0] == 200
+        assert http_json(server.port, "/health")[0] == 200
+        assert http_json(server.port, "/v1/models")[0] == 200
         assert spawned() == []
         start = time.monotonic()
         body = {"messages": [{"role": "user", "content": "x"}]}
         if trigger == "/v1/queue/stats":
             queue(server.port)
         else:
-            assert get(server.port, trigger, body)[0] == 200
+            assert http_json(server.port, trigger, body)[0] == 200
         assert time.monotonic() - start >= 0.5  # the reload
         [child] = spawned()
         assert stats(server.port)["model_pid"] == child
@@ -591,7 +552,7 @@ def hold(port: int, seconds: float, results: list[int], **body: Any) -> threadin
 
     def run() -> None:
         payload = {"messages": [], "standin_delay": seconds, **body}
-        results.append(get(port, "/v1/chat/completions", payload, timeout=10)[0])
+        results.append(http_json(port, "/v1/chat/completions", payload, timeout=10)[0])
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -653,7 +614,7 @@ def test_request_delay_knob_and_queued_client_leaving(standin: Callable[..., Sta
     server = standin(start_delay=0, request_delay=0.3, max_concurrency=1)
     wait_until(lambda: connectable(server.port))
     start = time.monotonic()
-    assert get(server.port, "/v1/chat/completions", {"messages": []})[0] == 200
+    assert http_json(server.port, "/v1/chat/completions", {"messages": []})[0] == 200
     assert time.monotonic() - start >= 0.3
     results: list[int] = []
     first = hold(server.port, 1.0, results)
@@ -716,7 +677,7 @@ def test_log_rate_survives_copy_truncate(standin: Callable[..., Standin]) -> Non
         # O_APPEND: writing resumed at the new end, not at the old offset (no hole of NULs)
         assert 0 < len(data) < 100_000 and b"\0" not in data
         assert data.startswith(b"INFO:     ") and data.endswith(b"\n")
-    assert get(server.port, "/health")[0] == 200
+    assert http_json(server.port, "/health")[0] == 200
 
 
 def test_sigstop_of_the_group_holds_requests_until_sigcont(
@@ -727,11 +688,11 @@ def test_sigstop_of_the_group_holds_requests_until_sigcont(
     server.signal_group(signal.SIGSTOP)
     try:
         assert connectable(server.port)  # the kernel still accepts
-        with pytest.raises((socket.timeout, urllib.error.URLError)):
-            get(server.port, "/health", timeout=0.3)
+        with pytest.raises((socket.timeout, urllib.error.URLError), match="timed out"):
+            http_json(server.port, "/health", timeout=0.3)
     finally:
         server.signal_group(signal.SIGCONT)
-    assert get(server.port, "/health")[0] == 200
+    assert http_json(server.port, "/health")[0] == 200
 
 
 def test_write_standin_model_takes_every_new_knob(tmp_path: Path) -> None:

@@ -8,15 +8,13 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from conftest import MLXCTL, Env
-from test_faults import standin_pids
+from helpers import SOAK, standin_pids, zombie_children
 
 import mlxctl
 
-SOAK = os.environ.get("MLXCTL_SOAK") == "1"
 WORKERS = 8
 SECONDS = 60 if SOAK else 20
 CYCLES = 300 if SOAK else 40
@@ -100,12 +98,8 @@ def test_eight_processes_lose_no_update(env: Env) -> None:
     assert data["generation"] >= before + len(expected)
     ops = sum(r["ops"] for r in reports)
     print(f"\n{WORKERS} processes, {SECONDS}s: {ops} commands, {len(expected)} sets, none lost")
-    assert (
-        subprocess.run(
-            [sys.executable, str(MLXCTL), "unload-all"], env=env.environ(), capture_output=True
-        ).returncode
-        == 0
-    )
+    result = env.run("unload-all")
+    assert result.returncode == 0, result.stderr
     assert standin_pids(env) == []
 
 
@@ -127,22 +121,13 @@ def test_soak_load_unload_cycles(env: Env) -> None:
     assert fds_after <= fds_before + 2, (fds_before, fds_after)
     assert standin_pids(env) == []
     assert mlxctl._children == {}  # every server this process spawned was reaped
-    zombies = [pid for pid in os.listdir("/proc") if pid.isdigit() and _is_zombie_child(int(pid))]
-    assert zombies == []
+    assert zombie_children() == []
     log = env.state / "logs" / f"{port}.log"
     assert log.read_text().count("=== mlxctl start mlx-soak") == CYCLES
     print(
         f"\n{CYCLES} load/unload cycles in {took:.0f}s: fds {fds_before}->{fds_after}, "
         f"no leaked process or zombie, log {log.stat().st_size} bytes"
     )
-
-
-def _is_zombie_child(pid: int) -> bool:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    return fields[0] == "Z" and int(fields[1]) == os.getpid()
 
 
 def test_log_rotation_past_50_mb(env: Env) -> None:
