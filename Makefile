@@ -13,9 +13,10 @@ PIP_QUIET := --quiet --disable-pip-version-check
 all: check
 
 # Debian packages the real-component tests need (program=package): the test sshd, its client and
-# keys, rsync. `deps` installs the missing ones when it can (root with apt-get), else stops with one
-# line naming them. test-fast needs none of them.
-DEB_NEEDS := /usr/sbin/sshd=openssh-server ssh=openssh-client ssh-keygen=openssh-client rsync=rsync
+# keys, rsync, and a Prometheus to scrape `metrics`. `deps` installs the missing ones when it can
+# (root with apt-get), else stops with one line naming them. test-fast needs none of them.
+DEB_NEEDS := /usr/sbin/sshd=openssh-server ssh=openssh-client ssh-keygen=openssh-client rsync=rsync \
+	/usr/bin/prometheus=prometheus
 missing_debs = $(strip $(shell for n in $(DEB_NEEDS); do \
 	command -v "$${n%%=*}" >/dev/null 2>&1 || echo "$${n#*=}"; done | sort -u))
 can_apt = $(shell [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && echo yes)
@@ -66,7 +67,7 @@ types: $(VENV)/.ok
 
 # Every test, real components included; line coverage of mlxctl (subprocesses too) >= 90 %.
 test: deps venvs
-	$(PY) -m pytest --cov --cov-config=pyproject.toml --cov-report=term-missing:skip-covered --cov-fail-under=90 tests
+	MLXCTL_TESTS_STRICT=1 $(PY) -m pytest --cov --cov-config=pyproject.toml --cov-report=term-missing:skip-covered --cov-fail-under=90 tests
 
 test-fast: $(VENV)/.ok
 	$(PY) -m pytest -m "not real" tests

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 from conftest import Cli, Env
-from helpers import read_jsonl, status_rows, write_knobs
+from helpers import read_jsonl, read_record, status_rows, wait_until, write_knobs
 
 SIZES = {"mlx-a": 6000, "mlx-b": 5000, "mlx-f": 4000, "mlx-c": 3000, "mlx-d": 2000, "mlx-e": 1000}
 OPTILLM = {"mlx-a", "mlx-f", "mlx-c"}
@@ -126,3 +128,26 @@ def test_failure_stops_the_plan_and_leaves_a_consistent_registry(env: Env, cli: 
     code, out, _ = cli("--json", "status")
     live = {port: p["state"] for port, p in status_rows(out).items() if p["state"] != "free"}
     assert live == {t[5]: "serving"}
+
+
+def test_a_dead_lane_is_moved_without_a_drain(env: Env, cli: Cli) -> None:
+    """SPEC §15: dead lanes are stopped without a drain. A dead lane cannot say it is idle; with a
+    long drain timeout assign-team would wait it out (the random walk found it waiting 120 s)."""
+    t, x = env.team, env.exp
+    env.set(MLX_DRAIN_TIMEOUT="600")
+    env.add_model("mlx-big", None, knobs={"size": 2000, "start_delay": 0.1})
+    env.add_model("mlx-small", None, knobs={"size": 1000, "start_delay": 0.1})
+    assert cli("load", "mlx-big", str(x[0]), "--no-sync")[0] == 0
+    assert cli("load", "mlx-small", str(x[1]), "--no-sync")[0] == 0
+    pgid = int(read_record(env, x[0])["pgid"])
+    os.killpg(pgid, signal.SIGKILL)
+    wait_until(lambda: status_rows(cli("--json", "status")[1])[x[0]]["state"] == "dead", 10)
+    done = env.run("--json", "assign-team", timeout=60)  # a drain of the dead lane: 600 s
+    assert done.returncode == 0, done.stderr
+    assert "timed out" not in done.stderr
+    assert {m: e["port"] for m, e in env.registry()["models"].items()} == {
+        "mlx-big": t[5],
+        "mlx-small": t[6],
+    }
+    rows = status_rows(cli("--json", "status")[1])
+    assert {p: rows[p]["state"] for p in (t[5], t[6])} == {t[5]: "serving", t[6]: "serving"}

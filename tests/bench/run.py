@@ -174,7 +174,14 @@ def main() -> int:
     benches = [bench_read_commands]
     extra = ROOT / "tests" / "bench"
     sys.path.insert(0, str(extra))
-    for module_name in ("bench_lifecycle", "bench_gateway", "bench_init"):
+    for module_name in (
+        "bench_lifecycle",
+        "bench_gateway",
+        "bench_init",
+        "bench_watch",
+        "bench_memory_metrics",
+        "bench_route",
+    ):
         if (extra / f"{module_name}.py").exists():
             module = __import__(module_name)
             benches.append(module.run)
