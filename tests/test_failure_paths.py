@@ -35,6 +35,7 @@ from fixtures.fake_hub import FakeHub
 from fixtures.faults import (
     ERRNOS,
     MILESTONES,
+    WRITE_POINTS,
     FaultRun,
     PathFault,
     atomic_temp,
@@ -395,28 +396,6 @@ def test_up_stopped_while_starting(world: Env, action: str) -> None:
 # -- every write point × the errnos that happen there ------------------------------------------
 
 
-def gateway_config_dir(env: Env) -> Path:
-    return env.router.parent
-
-
-WRITE_POINTS: dict[str, Any] = {
-    # name: (glob of what fails, side, what the failed load leaves: "failed" | "sync")
-    "record": (lambda e: atomic_temp(e.state / "run" / "*.json"), "child", "failed"),
-    "record-at-ready": (lambda e: atomic_temp(e.state / "run" / "*.json"), "parent", "failed"),
-    "run-dir": (lambda e: str(e.state / "run"), "any", "failed"),
-    "port-log": (lambda e: str(e.state / "logs" / "*.log"), "any", "failed"),
-    "log-dir": (lambda e: str(e.state / "logs"), "any", "failed"),
-    "registry-lock": (lambda e: str(e.state / "registry.lock"), "any", "failed"),
-    "registry": (lambda e: atomic_temp(e.registry_path), "any", "failed"),
-    "registry-bak": (lambda e: atomic_temp(str(e.registry_path) + ".bak"), "any", "failed"),
-    "watch-json": (lambda e: atomic_temp(e.state / "watch.json"), "any", "failed"),
-    "gateway-pending": (lambda e: atomic_temp(e.state / "gateway.pending"), "any", "failed"),
-    "sync-lock": (lambda e: str(gateway_config_dir(e) / ".mlxctl-sync.lock"), "any", "sync"),
-    "gateway-dir": (lambda e: str(gateway_config_dir(e)), "any", "sync"),
-    "router.yaml": (lambda e: atomic_temp(e.router), "any", "sync"),
-    "env.local": (lambda e: atomic_temp(e.env_file), "any", "sync"),
-    "handles.jsonl": (lambda e: atomic_temp(e.handles), "any", "sync"),
-}
 EVERY_ERRNO = ("record", "port-log", "registry-lock", "sync-lock", "registry", "gateway-pending")
 EVERY_ERRNO += ("router.yaml",)
 TWO_ERRNOS = ("record-at-ready", "registry-bak", "watch-json", "env.local", "handles.jsonl")

@@ -1,22 +1,37 @@
-"""Proof under faults (issue 5): a seeded random walk of mlxctl commands against stand-in servers,
-interleaved with faults, checking after every step that the registry, the servers and the gateway
-files agree. Fixed seeds in CI; MLXCTL_SOAK=1 runs longer walks."""
+"""Proof under faults (issues 5 and 9): a seeded random walk of mlxctl commands against stand-in
+servers, interleaved with faults, checking after every step that the registry, the servers and the
+gateway files agree. Besides killed servers, crashing models, busy ports, SSH failures and kills of
+mlxctl at random moments, the walk injects the faults of tests/fixtures/faults.py: a write point
+that fails (ENOSPC, EACCES, EROFS, ENOTDIR on open, fsync, replace or mkdir) during a command, and
+a kill -9, a signal or a dropped session at a milestone of a load. Fixed seeds in CI;
+MLXCTL_SOAK=1 runs longer walks."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import shlex
 import signal
 import socket
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 
 import pytest
 from conftest import Env
+from fixtures.faults import (
+    ACTIONS,
+    ERRNOS,
+    MILESTONES,
+    WRITE_POINTS,
+    FaultRun,
+    PathFault,
+    run_with_faults,
+)
 from helpers import (
     SOAK,
+    live_pids_mentioning,
     outside_block,
     run_records,
     spawn_mlxctl,
@@ -29,6 +44,7 @@ from helpers import (
 import mlxctl
 
 STEPS = 600 if SOAK else 120
+TRACE = os.environ.get("MLXCTL_WALK_TRACE") == "1"  # print each step as it starts
 MODELS = [f"mlx-walk-{i}" for i in range(4)]
 ROUTER = """\
 # hand-written: must survive every step byte for byte
@@ -44,6 +60,20 @@ router_settings:
   num_retries: 0
 """
 ENV_HEAD = "SECRET_TOKEN=do-not-touch\n# a comment\n"
+FAULTS = (
+    "kill-server",
+    "crashing-model",
+    "kill-mlxctl",
+    "busy-port",
+    "ssh-failure",
+    "write-fault",
+    "milestone-fault",
+)
+# the operations a write point goes through (atomic writes: all three of open, fsync, replace)
+OPS_AT = {
+    **{point: ("mkdir",) for point in ("run-dir", "log-dir", "gateway-dir")},
+    **{point: ("open",) for point in ("port-log", "registry-lock", "sync-lock")},
+}
 HANDLES_FOREIGN = '{"handle":"someone-else","kind":"model"}\nnot json, kept\n'
 
 
@@ -52,6 +82,8 @@ class Walk:
         self.env = env
         self.rng = random.Random(seed)
         self.counts: Counter[str] = Counter()
+        self.trail: deque[str] = deque(maxlen=10)  # the last steps, for a failure's message
+        self.steps = 0
         self.busy: socket.socket | None = None
         self.last_stderr = ""  # of the last command, for a failed check's message
         self.failing_ssh = write_script(
@@ -67,10 +99,48 @@ class Walk:
 
     def mlxctl(self, *args: str, environ: dict[str, str] | None = None) -> int:
         result = self.env.run(*args, env=environ)
-        self.last_stderr = result.stderr
-        assert "Traceback" not in result.stderr, result.stderr
-        assert result.returncode in (0, 1, 3, 4), (args, result.returncode, result.stderr)
-        return result.returncode
+        return self.judge(args, result.returncode, result.stderr)
+
+    def judge(
+        self, args: tuple[str, ...], code: int, stderr: str, interrupted: bool = False
+    ) -> int:
+        """A command's exit is a documented one, its error one line and never a traceback."""
+        self.last_stderr = stderr
+        assert "Traceback" not in stderr, stderr
+        assert code in ((0, 1, 3, 4, 130) if interrupted else (0, 1, 3, 4)), (args, code, stderr)
+        if code in (1, 3, 4):
+            assert [line for line in stderr.splitlines() if line.startswith("mlxctl: error: ")]
+        if code == 4:
+            assert (self.env.state / "gateway.pending").exists()
+        return code
+
+    def faulted_command(self) -> tuple[str, ...]:
+        """A command that writes: a load of an unassigned model, an unload of an assigned port,
+        a change to a model, a sync or a reconcile."""
+        models = self.env.registry()["models"]
+        unassigned = [m for m in MODELS if models[m].get("port") is None]
+        assigned = [str(e["port"]) for e in models.values() if isinstance(e.get("port"), int)]
+        choices: list[tuple[str, ...]] = [
+            ("set", self.rng.choice(MODELS), f"context_length={self.rng.randint(512, 8192)}"),
+            ("sync-gateway",),
+            ("reconcile",),
+        ]
+        if unassigned:
+            load = ("load", self.rng.choice(unassigned), self.rng.choice(["auto", self.port()]))
+            choices += [load, load]
+        if assigned:
+            choices.append(("unload", self.rng.choice(assigned)))
+        return self.rng.choice(choices)
+
+    def unassigned_model(self) -> str:
+        """A model with no port, unloading one when every model has one."""
+        models = self.env.registry()["models"]
+        unassigned = [m for m in MODELS if models[m].get("port") is None]
+        if unassigned:
+            return self.rng.choice(unassigned)
+        model_id = self.rng.choice(MODELS)
+        self.mlxctl("unload", str(models[model_id]["port"]), "--no-sync")
+        return model_id
 
     def port(self) -> str:
         return str(self.rng.choice(self.env.team[:4] + self.env.exp[:4]))
@@ -96,10 +166,16 @@ class Walk:
                 "kill-mlxctl",
                 "busy-port",
                 "ssh-failure",
+                "write-fault",
+                "milestone-fault",
             ],
-            weights=[30, 14, 3, 6, 6, 6, 3, 6, 4, 8, 3, 4],
+            weights=[30, 14, 3, 6, 6, 6, 3, 6, 4, 8, 3, 4, 10, 8],
         )[0]
         self.counts[kind] += 1
+        self.trail.append(kind)
+        self.steps += 1
+        if TRACE:
+            print(f"step {self.steps}: {kind}", flush=True)
         getattr(self, "do_" + kind.replace("-", "_"))()
 
     def do_load(self) -> None:
@@ -175,7 +251,53 @@ class Walk:
         if code == 4:
             assert (self.env.state / "gateway.pending").exists()
 
+    def do_write_fault(self) -> None:
+        """One command while one write point fails, once or every time (issue 9)."""
+        point = self.rng.choice(sorted(WRITE_POINTS))
+        glob_of, side, _ = WRITE_POINTS[point]
+        fault = PathFault(
+            glob_of(self.env),
+            self.rng.choice(ERRNOS),
+            (self.rng.choice(OPS_AT.get(point, ("open", "fsync", "replace"))),),
+            side,
+            times=self.rng.choice((1, None)),
+        )
+        args = self.faulted_command()
+        run = run_with_faults(self.env, *args, faults=[fault])
+        self.judge(args, run.returncode, run.stderr)
+        fired = bool(run.fired_paths())
+        self.counts["write faults that fired"] += fired
+        self.trace(f"{shlex.join(args)} with {point} {fault.ops[0]} {fault.errno}", run, fired)
+
+    def do_milestone_fault(self) -> None:
+        """A load that is killed, signalled or loses its session at one of its milestones."""
+        milestone, action = self.rng.choice(MILESTONES), self.rng.choice(ACTIONS)
+        args = ("load", self.unassigned_model(), self.rng.choice(["auto", self.port()]))
+        run = run_with_faults(self.env, *args, at_milestone=milestone, action=action)
+        fired = run.fired_milestone() is not None
+        self.counts["milestone faults that fired"] += fired
+        self.trace(f"{shlex.join(args)} at {milestone} {action}", run, fired)
+        if action == "kill" and fired:
+            assert run.returncode == -signal.SIGKILL
+            self.counts["kills of mlxctl at a milestone"] += 1
+        elif action != "close-output":  # a dropped session's stderr is nobody's to read
+            self.judge(args, run.returncode, run.stderr, interrupted=True)
+        if fired and action.startswith("SIG"):
+            assert run.returncode in (0, 4, 130), (args, milestone, action, run.stderr)
+
+    @staticmethod
+    def trace(what: str, run: FaultRun, fired: bool) -> None:
+        if TRACE:
+            print(f"  {what}: exit {run.returncode}, fired {fired}; {run.stderr.strip()[-300:]}")
+
     # -- invariants -----------------------------------------------------------------------------
+
+    def check_one_copy(self) -> None:
+        """No model runs twice: while a live process of ours holds a model, nothing starts another
+        (issue 9)."""
+        for model_id, entry in self.env.registry()["models"].items():
+            copies = live_pids_mentioning(f"--model-path {entry['cache_path']} ")
+            assert len(copies) <= 1, (model_id, copies, list(self.trail))
 
     def check_registry(self) -> None:
         data = json.loads(self.env.registry_path.read_text())
@@ -260,13 +382,11 @@ def test_random_walk_under_faults(env: Env, seed: int) -> None:
         walk.step()
         walk.check_registry()
         walk.check_foreign_bytes()
+        walk.check_one_copy()
         if number % 30 == 0:
             walk.settle()
     walk.settle()
-    faults = sum(
-        walk.counts[k]
-        for k in ("kill-server", "crashing-model", "kill-mlxctl", "busy-port", "ssh-failure")
-    )
+    faults = sum(walk.counts[k] for k in FAULTS)
     print(
         f"\nrandom walk seed={seed}: {STEPS} steps, {faults} faults "
         f"({dict(sorted(walk.counts.items()))}) in {time.monotonic() - started:.0f}s; "
