@@ -21,6 +21,7 @@ from helpers import (
     standin_argv,
     status_row,
     wait_until,
+    write_script,
 )
 
 import mlxctl
@@ -212,3 +213,28 @@ def test_stop_pid_kills_a_stubborn_process(tmp_path: Path) -> None:
     assert mlxctl.stop_pid(child.pid, 0.5)
     assert time.monotonic() - started < 5
     child.wait(5)
+
+
+def test_a_warm_load_runs_the_launcher_once(env: Env, cli: Cli) -> None:
+    """SPEC §13, issue 10: the launcher's version and options are learned once and cached; a
+    load with a warm cache runs no extra process, and a changed launcher is probed again."""
+    calls = env.tmp / "launcher-calls"
+    launcher = env.tmp / "launcher"
+    body = f'echo "$*" >> {calls}\nexec {sys.executable} {STANDIN} "$@"'
+    write_script(launcher, body)
+    env.set(MLX_LAUNCH_CMD=f"{launcher} launch")
+    env.add_model("mlx-a")
+    port = str(env.exp[0])
+
+    def load_and_unload() -> list[str]:
+        calls.write_text("")
+        code, _, err = cli("load", "mlx-a", port, "--no-sync")
+        assert code == 0, err
+        assert cli("unload", port, "--no-sync")[0] == 0
+        return sorted(" ".join(line.split()[:2]) for line in calls.read_text().splitlines())
+
+    probes_and_server = ["--version", "launch --help", "launch --model-path"]
+    assert load_and_unload() == probes_and_server
+    assert load_and_unload() == ["launch --model-path"]  # warm: the server only
+    write_script(launcher, body + "\n# upgraded")
+    assert load_and_unload() == probes_and_server

@@ -1345,3 +1345,50 @@ def test_settings_constants_are_sane() -> None:
     assert mlxctl.EXIT_DRIFT == 3
     assert mlxctl.EXIT_SYNC == 4
     assert mlxctl.EXIT_INTERRUPTED == 130
+
+
+def sync_of(restart: str | None, basis: list[str] | None, **files: str) -> dict[str, Any]:
+    report = mlxctl.sync_report("changed", files={"router": "unchanged", "env": "unchanged"})
+    report["files"].update(files)
+    if restart is None:
+        del report["restart"]
+    else:
+        report.update(restart=restart, restart_needed=restart == "required")
+    if basis is not None:
+        report["basis"] = basis
+    return report
+
+
+def test_merged_syncs_that_end_where_they_began_need_no_restart() -> None:
+    """A move in route mode: the withholding sync takes the entry out, the last puts it back as
+    it was; LiteLLM read the first state, which is the last (helper-8's finding, SPEC §17)."""
+    merged = mlxctl.merge_syncs(
+        [sync_of("not-needed", ["a", "b"], router="changed"), sync_of("optional", ["b", "a"])]
+    )
+    assert (merged["restart"], merged["restart_needed"]) == ("not-needed", False)
+    assert merged["files"]["router"] == "changed"
+
+
+@pytest.mark.parametrize(
+    ("verdicts", "expected"),
+    [
+        (("not-needed", "optional"), "optional"),
+        (("required", "not-needed"), "required"),
+        (("optional", "required", "not-needed"), "required"),
+        (("not-needed", "not-needed"), "not-needed"),
+    ],
+)
+def test_merged_syncs_that_end_elsewhere_keep_the_strongest_verdict(
+    verdicts: tuple[str, ...], expected: str
+) -> None:
+    bases = [[str(i), str(i + 1)] for i in range(len(verdicts))]
+    merged = mlxctl.merge_syncs([sync_of(v, b) for v, b in zip(verdicts, bases)])
+    assert (merged["restart"], merged["restart_needed"]) == (expected, expected == "required")
+
+
+def test_merged_syncs_of_an_older_gateway_add_up_restart_needed() -> None:
+    """A Mini before SPEC §17 reports restart_needed only, and no basis."""
+    older = [sync_of(None, None), sync_of(None, None)]
+    older[0]["restart_needed"] = True
+    merged = mlxctl.merge_syncs(older)
+    assert merged["restart_needed"] is True and "restart" not in merged

@@ -1,10 +1,11 @@
-"""Lifecycle benchmarks: load overhead against the real server, unload-all of stubborn stand-ins."""
+"""Lifecycle benchmarks: load overhead against both real servers, unload-all of stubborn stand-ins."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -14,7 +15,11 @@ from pathlib import Path
 
 from run import MLXCTL, PY, ROOT, report, world
 
-MLX_VENV = Path(os.environ.get("MLXCTL_TEST_MLX_VENV", ROOT / ".venv-mlx"))
+SERVERS = {
+    "1.6.3": Path(os.environ.get("MLXCTL_TEST_MLX_VENV", ROOT / ".venv-mlx")),
+    "1.8.1": Path(os.environ.get("MLXCTL_TEST_MLX18_VENV", ROOT / ".venv-mlx18")),
+}
+PAIRS = int(os.environ.get("MLXCTL_BENCH_PAIRS", "10"))
 
 
 def wait_served(port: int, timeout: float = 180) -> None:
@@ -31,47 +36,45 @@ def wait_served(port: int, timeout: float = 180) -> None:
     raise SystemExit(f"server on {port} never came up")
 
 
-def bench_load_overhead(tmp: Path) -> None:
-    server = MLX_VENV / "bin" / "mlx-openai-server"
+def swap_value(argv: list[str], option: str, value: str) -> list[str]:
+    i = argv.index(option)
+    return [*argv[: i + 1], value, *argv[i + 2 :]]
+
+
+def bench_load_overhead(tmp: Path, version: str, venv: Path) -> None:
+    """mlxctl's wall time from `load` to its return (ready and committed) against the same server,
+    with the same argv, started directly and polled tightly: PAIRS alternating A/B pairs (the order
+    flips each pair), with the capability cache warm as on every load but a Studio's first."""
+    name = f"load to ready vs the server started directly, {version}"
+    server = venv / "bin" / "mlx-openai-server"
     if not server.exists():
-        report("load overhead vs the real server started directly", "skipped (no server)", "-")
+        report(name, "skipped (no server)", "-")
         return
     from fixtures.tiny_model import build
 
-    model = build("mlx", tmp / "tiny", str(MLX_VENV / "bin" / "python"))
+    model = build("mlx", tmp / "tiny", str(venv / "bin" / "python"))
     env = world(tmp)
     env["MLX_LAUNCH_CMD"] = f"{server} launch"
     base = int(env["MLX_EXPERIMENTAL_PORTS"].split("-")[0])
-    registry = {
-        "version": 1,
-        "models": {
-            "mlx-tiny": {
-                "repo_id": "t/tiny",
-                "model_id": "mlx-tiny",
-                "cache_path": str(model),
-                "format": "mlx",
-                "port": None,
-            }
-        },
-    }
+    entry = {"repo_id": "t/tiny", "model_id": "mlx-tiny", "cache_path": str(model), "format": "mlx"}
+    registry = {"version": 1, "models": {"mlx-tiny": {**entry, "port": None}}}
     (tmp / "hf" / "hub" / "registry.json").write_text(json.dumps(registry))
-    direct, managed = [], []
-    for _ in range(3):
+
+    def mlxctl(*args: str) -> str:
+        done = subprocess.run(
+            [PY, str(MLXCTL), *args], env=env, check=True, stdout=subprocess.PIPE, text=True
+        )
+        return done.stdout
+
+    mlxctl("load", "mlx-tiny", str(base), "--no-sync")  # warms the capability cache
+    argv = json.loads(mlxctl("--json", "show", "mlx-tiny"))["launch_argv"]
+    mlxctl("unload", str(base), "--no-sync")
+    argv = swap_value(swap_value(argv, "--port", str(base + 5)), "--log-file", str(tmp / "d.log"))
+
+    def direct() -> float:
         started = time.perf_counter()
         child = subprocess.Popen(
-            [
-                str(server),
-                "launch",
-                "--model-path",
-                str(model),
-                "--model-type",
-                "lm",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(base + 5),
-                "--no-log-file",
-            ],
+            argv,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             cwd=tmp,
@@ -79,27 +82,29 @@ def bench_load_overhead(tmp: Path) -> None:
             start_new_session=True,
         )
         wait_served(base + 5)
-        direct.append(time.perf_counter() - started)
+        took = time.perf_counter() - started
         os.killpg(child.pid, signal.SIGTERM)
         child.wait()
+        return took
+
+    def managed() -> float:
         started = time.perf_counter()
-        subprocess.run(
-            [PY, str(MLXCTL), "load", "mlx-tiny", str(base), "--no-sync"],
-            env=env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        managed.append(time.perf_counter() - started)
-        subprocess.run(
-            [PY, str(MLXCTL), "unload", str(base), "--no-sync"],
-            env=env,
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-    d, m = sorted(direct)[1], sorted(managed)[1]
+        mlxctl("load", "mlx-tiny", str(base), "--no-sync")
+        took = time.perf_counter() - started
+        mlxctl("unload", str(base), "--no-sync")
+        return took
+
+    pairs = []
+    for number in range(PAIRS):
+        first, second = (direct, managed) if number % 2 == 0 else (managed, direct)
+        a, b = first(), second()
+        pairs.append((a, b) if first is direct else (b, a))
+    differences = sorted(m - d for d, m in pairs)
+    quartiles = statistics.quantiles(differences, n=4)
     report(
-        "load to ready: mlxctl vs the server started directly",
-        f"{m:.2f} s vs {d:.2f} s (+{m - d:.2f} s)",
+        f"{name} ({PAIRS} A/B pairs)",
+        f"median {statistics.median(differences):+.2f} s, IQR {quartiles[0]:+.2f}..{quartiles[2]:+.2f}"
+        f" (direct {statistics.median(d for d, _ in pairs):.2f} s)",
         "<= +0.3 s",
     )
 
@@ -146,5 +151,6 @@ def bench_unload_all(tmp: Path) -> None:
 def run() -> None:
     with tempfile.TemporaryDirectory() as name:
         bench_unload_all(Path(name))
-    with tempfile.TemporaryDirectory() as name:
-        bench_load_overhead(Path(name))
+    for version, venv in SERVERS.items():
+        with tempfile.TemporaryDirectory() as name:
+            bench_load_overhead(Path(name), version, venv)
