@@ -81,7 +81,8 @@ bench: deps venvs
 	$(PY) tests/bench/run.py
 
 soak: deps venvs
-	MLXCTL_SOAK=1 $(PY) -m pytest -s tests/test_faults.py tests/test_stress.py tests/test_fuzz.py
+	MLXCTL_SOAK=1 $(PY) -m pytest -s tests/test_faults.py tests/test_stress.py tests/test_fuzz.py \
+		tests/test_watch.py::test_supervision_under_random_kills
 
 demo: deps venvs
 	$(PY) tests/demo.py

@@ -6,18 +6,18 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import STANDIN, Cli, Env
+from conftest import MLXCTL, STANDIN, Cli, Env
 from helpers import (
     connectable,
     empty_or_absent,
     read_jsonl,
-    spawn_mlxctl,
     standin_argv,
     status_row,
     wait_until,
@@ -44,17 +44,27 @@ def test_logs_tail_app_and_missing(env: Env, cli: Cli) -> None:
 
 
 def test_logs_follow_stops_quietly_on_ctrl_c(env: Env) -> None:
+    """`logs -f` prints the tail, then each new line as it comes (flushed: it is piped to grep
+    as often as read), and Ctrl-C ends it with exit 0 and no traceback."""
     env.add_model("mlx-a", None)
     port = env.exp[0]
     assert env.run("load", "mlx-a", str(port), "--no-sync").returncode == 0
-    follower = spawn_mlxctl(env.environ(), "logs", str(port), "-f")
-    time.sleep(1.0)
+    seen = env.tmp / "follow.out"
+    with open(seen, "w") as out:
+        follower = subprocess.Popen(
+            [sys.executable, str(MLXCTL), "logs", str(port), "-f"],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env.environ(),
+        )
+    wait_until(lambda: "=== mlxctl start mlx-a" in seen.read_text(), 30)  # the tail is out
     with open(env.state / "logs" / f"{port}.log", "a") as log:
         log.write("a new line\n")
-    time.sleep(0.8)
-    follower.send_signal(2)
-    out, err = follower.communicate(timeout=10)
-    assert "a new line" in out
+    wait_until(lambda: "a new line" in seen.read_text(), 30)
+    follower.send_signal(signal.SIGINT)
+    _, err = follower.communicate(timeout=10)
     assert follower.returncode == 0 and "Traceback" not in err
 
 
