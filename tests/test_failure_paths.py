@@ -302,11 +302,12 @@ def test_fault_layer_milestone_actions(env: Env, action: str) -> None:
 
 
 @pytest.mark.fixture_selftest
-def test_fault_layer_reaches_the_exec_server_child_only_when_asked(world: Env) -> None:
+def test_fault_layer_lets_skipped_calls_through(world: Env) -> None:
     records = atomic_temp(world.state / "run" / "*.json")
-    run = load(world, fail_path=records, side="parent")
-    # the child wrote its record unharmed; the parent's rewrite at readiness failed
-    assert {e["side"] for e in run.fired} == {"parent"}
+    run = load(world, fail_path=records, skip=1)
+    # the record at the spawn was written unharmed; its rewrite at readiness failed
+    assert len(run.fired_paths()) == 1
+    assert (world.state / "logs" / f"{world.exp[0]}.log").exists()
     assert run.returncode == 1
     assert standin_pids(world) == []
 
@@ -341,11 +342,12 @@ def test_load_stopped_at_every_milestone(world: Env, milestone: str, action: str
             assert pending(env).exists(), "the owed sync is recorded before the registry write"
         else:
             assert entry["reservation"]["previous_port"] is None  # stale: its owner is dead
-        if milestone != "reserved":
+        if milestone in ("reserved", "spawned"):  # spawned: the child exits at its gate
+            wait_until(lambda: not copies(env), timeout=10)
+            assert assert_state(env) == {}
+        else:
             wait_serving(env, port)
             assert assert_state(env) == {port: copies(env)[0]}
-        else:
-            assert assert_state(env) == {}
     elif stands:
         # past the commit (or with nothing written before it) the command completes and syncs
         assert run.returncode == 0, run.stderr
@@ -369,8 +371,9 @@ def test_load_stopped_at_every_milestone(world: Env, milestone: str, action: str
 
 @pytest.mark.parametrize("action", ["kill", "SIGTERM"])
 def test_up_stopped_while_starting(world: Env, action: str) -> None:
-    """`up` restarts a dead assignment through the same load engine: stopped half way, the
-    assignment stays (dead), nothing runs, and the next `up` starts one copy."""
+    """`up` restarts a dead assignment through the same load engine: stopped half way (after
+    the fork, before the runtime record), the assignment stays (dead), nothing runs — a killed
+    mlxctl's child exits at its gate — and the next `up` starts one copy."""
     env, port = world, world.team[0]
     data = env.registry()
     data["models"][MODEL]["port"] = port
@@ -380,13 +383,14 @@ def test_up_stopped_while_starting(world: Env, action: str) -> None:
     assert run.fired_milestone() == "spawned"
     if action == "kill":
         assert run.returncode == -signal.SIGKILL
-        wait_serving(env, port)
-        assert assert_state(env) == {port: copies(env)[0]}
+        wait_until(lambda: not copies(env), timeout=10)
+        assert models(env)[MODEL]["reservation"]["previous_port"] == port  # stale: owner dead
     else:
         assert_failed(run, 130)
-        assert models(env) == before
         assert copies(env) == []
-        assert assert_state(env) == {}
+        assert models(env) == before
+    assert models(env)[MODEL]["port"] == port
+    assert assert_state(env) == {}
     result = env.run("up")
     assert result.returncode == 0, result.stderr
     assert len(copies(env)) == 1
@@ -445,9 +449,9 @@ def assert_applied_sync_failed(env: Env, run: FaultRun, port: int) -> None:
 )
 def test_load_with_a_write_that_fails(world: Env, point: str, op: str, code: str) -> None:
     env, port = world, world.exp[0]
-    glob_of, side, outcome = WRITE_POINTS[point]
+    glob_of, skip, outcome = WRITE_POINTS[point]
     before = models(env)
-    run = load(env, fail_path=glob_of(env), errno=code, ops=(op,), side=side)
+    run = load(env, fail_path=glob_of(env), errno=code, ops=(op,), skip=skip)
     assert run.fired, f"the fault at {point} never fired: {run.returncode} {run.stderr}"
     if outcome == "failed":
         assert_load_failed(env, run, code, before)
@@ -509,36 +513,42 @@ def test_unload_with_a_sync_that_fails(world: Env, point: str) -> None:
 
 
 def test_record_not_written_after_the_spawn_leaves_no_server(world: Env) -> None:
-    """The `__exec-server` child forked but could not write run/<port>.json: it exits 121
-    without becoming the server, so nothing runs that no record names; the load fails, rolled
-    back."""
+    """The child forked, but run/<port>.json cannot be written: the child, still waiting at
+    its gate, exits without becoming the server, so nothing runs that no record names; the load
+    fails, rolled back."""
     env = world
     before = models(env)
     records = atomic_temp(env.state / "run" / "*.json")
-    run = load(env, fail_path=records, errno="ENOSPC", side="child")
-    assert [e["side"] for e in run.fired] == ["child"]
+    run = load(env, fail_path=records, errno="ENOSPC")
+    assert len(run.fired_paths()) == 1
     line = assert_failed(run, 1)
     assert "No space left on device" in line
+    assert "the server was not started" in line
     assert_rolled_back(env, before)
-    log = (env.state / "logs" / f"{env.exp[0]}.log").read_text()
-    assert "the server was not started" in log
     assert assert_state(env) == {}
     recover(env)
 
 
 @pytest.mark.parametrize("milestone", ["spawned", "recorded"])
-def test_kill_after_the_spawn_leaves_our_server_and_never_a_second_copy(
+def test_kill_after_the_spawn_leaves_our_server_or_none_and_never_a_second_copy(
     world: Env, milestone: str
 ) -> None:
-    """kill -9 of mlxctl once the child exists: the server is ours (recorded, status says so),
-    and the next `load M auto` — with no reconcile first — ends with one copy of M, not two."""
+    """kill -9 of mlxctl once the child exists. Before its record is written (spawned) the child
+    is still at its gate: its pipe closes and it exits without becoming a server. Once recorded,
+    the server is ours (status says so). Either way the next `load M auto` — with no reconcile
+    first — ends with one copy of M, not two."""
     env, port = world, world.exp[0]
     run = load(env, at_milestone=milestone, action="kill")
     assert run.returncode == -signal.SIGKILL
-    wait_serving(env, port)
-    pid = copies(env)[0]
-    assert read_record(env, port)["pid"] == pid
-    assert assert_state(env) == {port: pid}
+    if milestone == "recorded":
+        wait_serving(env, port)
+        pid = copies(env)[0]
+        assert read_record(env, port)["pid"] == pid
+        assert assert_state(env) == {port: pid}
+    else:
+        wait_until(lambda: not copies(env), timeout=10)
+        assert not record_path(env, port).exists()
+        assert not connectable(port)
     for _ in range(2):
         result = env.run("--json", "load", MODEL, "auto")
         assert result.returncode == 0, result.stderr

@@ -254,12 +254,12 @@ class Walk:
     def do_write_fault(self) -> None:
         """One command while one write point fails, once or every time (issue 9)."""
         point = self.rng.choice(sorted(WRITE_POINTS))
-        glob_of, side, _ = WRITE_POINTS[point]
+        glob_of, skip, _ = WRITE_POINTS[point]
         fault = PathFault(
             glob_of(self.env),
             self.rng.choice(ERRNOS),
             (self.rng.choice(OPS_AT.get(point, ("open", "fsync", "replace"))),),
-            side,
+            skip,
             times=self.rng.choice((1, None)),
         )
         args = self.faulted_command()
