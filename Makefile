@@ -13,10 +13,10 @@ PIP_QUIET := --quiet --disable-pip-version-check
 all: check
 
 # Debian packages the real-component tests need (program=package): the test sshd, its client and
-# keys, rsync, and a Prometheus to scrape `metrics`. `deps` installs the missing ones when it can
+# keys, rsync, a Prometheus to scrape `metrics`, and systemd-analyze to verify the service unit. `deps` installs the missing ones when it can
 # (root with apt-get), else stops with one line naming them. test-fast needs none of them.
 DEB_NEEDS := /usr/sbin/sshd=openssh-server ssh=openssh-client ssh-keygen=openssh-client rsync=rsync \
-	/usr/bin/prometheus=prometheus
+	/usr/bin/prometheus=prometheus systemd-analyze=systemd
 missing_debs = $(strip $(shell for n in $(DEB_NEEDS); do \
 	command -v "$${n%%=*}" >/dev/null 2>&1 || echo "$${n#*=}"; done | sort -u))
 can_apt = $(shell [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && echo yes)
