@@ -25,6 +25,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,8 @@ from helpers import (
     write_knobs,
     write_script,
 )
+
+import mlxctl
 
 MODEL = "mlx-alpha"
 FAST = {"start_delay": 0.05}
@@ -507,6 +510,53 @@ def test_unload_with_a_sync_that_fails(world: Env, point: str) -> None:
     assert not pending(env).exists()
     assert f"model_name: {MODEL}" not in env.router.read_text()
     assert_gateway_startable(env)
+
+
+# -- the start gate, in process ----------------------------------------------------------------
+
+
+def gated(argv: list[str], tmp: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*mlxctl.START_GATE, *argv], stdin=subprocess.PIPE, cwd=tmp, start_new_session=True
+    )
+
+
+def test_start_gate_runs_the_server_only_after_its_record(tmp_path: Path) -> None:
+    cfg = mlxctl.resolve_settings({"MLXCTL_STATE_DIR": str(tmp_path / "state")}, {})
+    flag = tmp_path / "ran"
+    child = gated(["/bin/sh", "-c", f"echo $$ > {flag}"], tmp_path)
+    try:
+        time.sleep(0.2)
+        assert not flag.exists(), "the child ran before its record was written"
+        record = mlxctl.release_start(cfg, 8100, {"model_id": "m"}, child)
+        assert child.wait(timeout=10) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert int(flag.read_text()) == child.pid == record["pid"] == record["pgid"]
+    on_disk = json.loads((tmp_path / "state" / "run" / "8100.json").read_text())
+    assert on_disk == record and record["model_id"] == "m" and record["start_time"]
+
+
+def test_start_gate_closed_by_a_dead_parent_runs_nothing(tmp_path: Path) -> None:
+    flag = tmp_path / "ran"
+    child = gated(["/bin/sh", "-c", f"touch {flag}"], tmp_path)
+    assert child.stdin is not None
+    child.stdin.close()  # what the death of mlxctl does to the pipe
+    assert child.wait(timeout=10) != 0
+    assert not flag.exists()
+
+
+def test_start_gate_gone_before_go_is_one_error_and_no_record(tmp_path: Path) -> None:
+    cfg = mlxctl.resolve_settings({"MLXCTL_STATE_DIR": str(tmp_path / "state")}, {})
+    child = gated(["true"], tmp_path)
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait(timeout=10)
+    mlxctl._children[child.pid] = child
+    with pytest.raises(mlxctl.MlxctlError, match="its start shell exited"):
+        mlxctl.release_start(cfg, 8100, {"model_id": "m"}, child)
+    assert not (tmp_path / "state" / "run" / "8100.json").exists()
+    assert child.pid not in mlxctl._children
 
 
 # -- the findings of issue 9, one test each -----------------------------------------------------
